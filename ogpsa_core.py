@@ -1,0 +1,459 @@
+"""OGPSA core: reference gradients, an orthonormal basis of their span, and in-place projection of the gradient.
+
+Orthogonal Gradient Projection for Safety Alignment removes from every safety gradient g its component in the
+span of K reference gradients (gradients of the LM loss on general-capability data):
+
+    g  <-  g - U (U^T g)            U: P x K with orthonormal columns
+
+so that, to first order, an update leaves every reference loss unchanged. Here U is stored transposed, as a K x n
+tensor over the n gradient entries this rank owns ("the local slice"): the full gradient on a single process or
+under DDP (where it is replicated), one partition under DeepSpeed ZeRO. Every inner product over the whole model
+is a sum of local inner products, so the only communication is an all-reduce of K numbers (global scope) or of a
+(num_params x K) table (per-parameter scope), and the basis is built from all-reduced K x K Gram matrices; no
+rank ever holds more than its own slice of a direction.
+
+Scopes:
+    global     one basis over all parameters (K directions in R^P).
+    per_param  every parameter tensor gets its own basis, from the reference gradients restricted to it (the
+               reference implementation's semantics). A tensor split across two ranks' partitions is still exact:
+               its segment-wise partial sums are added by the all-reduce.
+
+Backends (single process, DDP, DeepSpeed ZeRO) differ only in where the gradient lives; a `GradSlice` tells the
+projection which flat views this rank owns and how they map onto parameters.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+# Directions whose singular value (svd) or residual norm (qr) falls below this fraction of the largest are
+# dropped even at --base_threshold 0: below it a float32 direction cannot be told apart from rounding noise.
+NUMERICAL_RTOL = 1e-5
+# Elements per chunk when a pass over the slice needs float64 or other temporaries: bounds extra memory.
+CHUNK_NUMEL = 1 << 22
+METHODS = ("none", "orthogonal_projection", "threshold")
+SCOPES = ("per_param", "global")
+BASES = ("qr", "svd")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Where the gradient lives
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Segment:
+    """A run of this rank's flat slice that belongs to one parameter tensor."""
+    param_index: int  # position of the parameter in the model's trainable-parameter list (same on every rank)
+    start: int  # offset in this rank's flat slice (the concatenation of `GradSlice.pieces()`)
+    length: int
+
+
+class GradSlice:
+    """The gradient entries this rank owns, as flat 1-D views that the projection edits in place.
+
+    Subclasses set `num_params`, `segments` (sorted, covering the concatenation of `pieces()` exactly) and
+    `piece_bounds` ((start, length) of every piece in that concatenation), and implement `pieces()`.
+    `sharded` says whether ranks own disjoint slices (ZeRO: partial sums must be all-reduced) or identical copies
+    (single process, DDP: nothing to reduce).
+    """
+
+    num_params: int
+    segments: list
+    piece_bounds: list
+    sharded: bool = False
+
+    @property
+    def numel(self):
+        return sum(length for _, length in self.piece_bounds)
+
+    def pieces(self):
+        raise NotImplementedError
+
+    def reduce_(self, tensor):
+        """Sum partial results over ranks that own disjoint slices, in place."""
+        if self.sharded and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(tensor)
+        return tensor
+
+
+class ReplicatedGradSlice(GradSlice):
+    """Single process or DDP: the whole (reduced) gradient, kept in one flat buffer.
+
+    Every parameter's `.grad` becomes a view into one contiguous buffer, so the projection is one matrix-vector
+    product over all parameters. Autograd, DDP and `clip_grad_norm_` all write `.grad` in place, which keeps the
+    views valid; only `zero_grad(set_to_none=True)` would break them, and `pieces()` checks for that.
+    """
+
+    def __init__(self, params):
+        params = list(params)
+        dtypes = {p.dtype for p in params}
+        if len(dtypes) != 1:
+            raise ValueError(f"all trainable parameters must share one dtype, got {sorted(map(str, dtypes))}")
+        self.num_params = len(params)
+        self.flat = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+        self.segments, start = [], 0
+        for index, param in enumerate(params):
+            param.grad = self.flat[start:start + param.numel()].view_as(param)
+            self.segments.append(Segment(index, start, param.numel()))
+            start += param.numel()
+        self.piece_bounds = [(0, start)]
+        self._params = params
+        self._grad_ptrs = [p.grad.data_ptr() for p in params]
+
+    def pieces(self):
+        if any(p.grad is None or p.grad.data_ptr() != ptr for p, ptr in zip(self._params, self._grad_ptrs)):
+            raise RuntimeError("a parameter's .grad no longer views the flat gradient buffer; "
+                               "call optimizer.zero_grad(set_to_none=False) when OGPSA is on")
+        return [self.flat]
+
+    def zero_(self):
+        self.flat.zero_()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Basis construction (float64 algebra on K x K Gram matrices)
+# ---------------------------------------------------------------------------------------------------------------
+
+def orthonormal_coefficients(gram, basis="qr", threshold=0.0):
+    """Coefficients C with U = C D orthonormal, from the Gram matrix of the directions D alone.
+
+    Args:
+        gram: (units, K, K) float64, gram[u] = D_u D_u^T for the K directions restricted to unit u.
+        basis: "qr" keeps the directions' order (Gram-Schmidt: u_j spans the part of d_j not already covered);
+            "svd" takes principal directions (u_j = v_j^T D / sigma_j from gram = V diag(sigma^2) V^T).
+        threshold: drop a direction whose residual norm (qr) or singular value (svd) is below
+            max(threshold, NUMERICAL_RTOL) x the largest direction norm (qr) or singular value (svd) of its unit.
+
+    Returns:
+        (units, K, K) float64 C. Dropped directions are zero rows, so all-zero or parallel directions give
+        zero rows, never NaN. A kept row k of C D has unit norm; for "qr" its inner product with d_k is positive.
+    """
+    units, k, _ = gram.shape
+    rtol = max(threshold, NUMERICAL_RTOL)
+    coeff = torch.zeros_like(gram)
+    if basis == "svd":
+        eigvals, eigvecs = torch.linalg.eigh(gram)  # ascending
+        sigma = eigvals.clamp_min(0).sqrt().flip(-1)
+        eigvecs = eigvecs.flip(-1)
+        keep = (sigma > rtol * sigma[:, :1]) & (sigma[:, :1] > 0)
+        safe_sigma = torch.where(keep, sigma, torch.ones_like(sigma))
+        coeff = eigvecs.transpose(1, 2) / safe_sigma.unsqueeze(-1) * keep.unsqueeze(-1)
+        # Orient each principal direction along the sum of the reference directions, so that threshold's
+        # "conflicts with the reference gradient" test has a meaning.
+        sign = torch.sign((coeff @ gram).sum(-1, keepdim=True))
+        return coeff * torch.where(sign == 0, torch.ones_like(sign), sign)
+    if basis != "qr":
+        raise ValueError(f"unknown basis {basis!r}, expected one of {BASES}")
+    scale = gram.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt().amax(-1)  # largest direction norm per unit
+    eye = torch.eye(k, dtype=gram.dtype, device=gram.device).expand(units, k, k)
+    for j in range(k):
+        residual = eye[:, j].clone()  # coefficients of d_j
+        for _ in range(2):  # classical Gram-Schmidt twice: orthogonal to working precision
+            overlap = coeff @ (gram @ residual.unsqueeze(-1))  # u_i . residual
+            residual = residual - (coeff.transpose(1, 2) @ overlap).squeeze(-1)
+        norm = (residual.unsqueeze(1) @ gram @ residual.unsqueeze(-1)).reshape(units).clamp_min(0).sqrt()
+        keep = (norm > rtol * scale) & (scale > 0)
+        coeff[:, j] = residual / torch.where(keep, norm, torch.ones_like(norm)).unsqueeze(-1) * keep.unsqueeze(-1)
+    return coeff
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batched per-parameter segments
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StridedBatch:
+    """`count` segments of equal `length` at start, start + stride, ...: one strided (count, length) view.
+
+    Transformer layers repeat, so the hundreds of parameter tensors of a model fall into a few such batches and
+    per-parameter projection becomes a handful of batched matrix products instead of a Python loop.
+    """
+    start: int
+    stride: int
+    count: int
+    length: int
+    param_index: torch.Tensor  # (count,) int64
+
+    def view(self, tensor, rows=None):
+        """(count, 1, length) view of a flat tensor, or (count, rows, length) of a (rows, n) one."""
+        if rows is None:
+            return tensor.as_strided((self.count, 1, self.length), (self.stride, self.length, 1),
+                                     tensor.storage_offset() + self.start)
+        return tensor.as_strided((self.count, rows, self.length), (self.stride, tensor.stride(0), 1),
+                                 tensor.storage_offset() + self.start)
+
+
+def plan_strided_batches(segments, device):
+    """Group segments of equal length whose starts form arithmetic progressions (longest progression first)."""
+    by_length = {}
+    for seg in segments:
+        by_length.setdefault(seg.length, {})[seg.start] = seg.param_index
+    batches = []
+    for length, index_at in by_length.items():
+        unassigned = sorted(index_at)
+        while unassigned:
+            first, rest = unassigned[0], set(unassigned[1:])
+            best = [first]
+            for candidate in unassigned[1:9]:  # strides to try: to each of the next few starts
+                run, stride = [first], candidate - first
+                while run[-1] + stride in rest:
+                    run.append(run[-1] + stride)
+                if len(run) > len(best):
+                    best = run
+            stride = best[1] - best[0] if len(best) > 1 else length
+            batches.append(StridedBatch(first, stride, len(best), length,
+                                        torch.tensor([index_at[s] for s in best], device=device)))
+            taken = set(best)
+            unassigned = [s for s in unassigned if s not in taken]
+    return batches
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Projection
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class ProjectionStats:
+    grad_norm: float  # ||g|| before projection
+    grad_norm_projected: float  # ||g'|| after
+    removed_fraction: float  # 1 - ||g'|| / ||g||
+    max_abs_cos: float  # largest |cos(g'_unit, u)| over basis vectors u (0 up to rounding after projection)
+
+
+class Projector:
+    """Holds this rank's slice of the basis and projects this rank's slice of the gradient in place.
+
+    Args:
+        grad_slice: where the gradient lives (see `GradSlice`).
+        scope: "global" or "per_param".
+        method: "orthogonal_projection" removes the basis component; "threshold" removes only the components
+            that conflict (u_k . g < 0, u_k oriented along its reference gradient) and, in a unit with no
+            conflict, multiplies g by `scale`. With one direction this is the reference implementation's rule
+            (project if cos(g, g_ref) < 0, else g *= base_scale). A unit is one parameter (per_param) or the
+            whole model (global).
+        basis: "qr" or "svd" (see `orthonormal_coefficients`); threshold: see there.
+        dtype: storage dtype of the basis (float32, or bfloat16 to halve its memory).
+    """
+
+    def __init__(self, grad_slice, scope="per_param", method="orthogonal_projection", basis="qr",
+                 threshold=0.0, scale=1.0, dtype=torch.float32):
+        if scope not in SCOPES:
+            raise ValueError(f"unknown scope {scope!r}, expected one of {SCOPES}")
+        if method not in METHODS[1:]:
+            raise ValueError(f"unknown projection method {method!r}, expected one of {METHODS[1:]}")
+        self.grad_slice, self.scope, self.method = grad_slice, scope, method
+        self.basis_kind, self.threshold, self.scale, self.dtype = basis, threshold, scale, dtype
+        self.basis = None  # (K, n) this rank's columns of U^T
+        self.rank_per_unit = None  # (units,) directions kept per unit
+        self.refreshed_at = -1  # optimizer step at which the basis was computed
+        self._batches = None
+
+    # -- geometry ------------------------------------------------------------------------------------------------
+    @property
+    def num_units(self):
+        return self.grad_slice.num_params if self.scope == "per_param" else 1
+
+    def _piece_batches(self, device):
+        """Per piece: its strided batches (per_param) relative to the piece start."""
+        if self._batches is None:
+            self._batches = []
+            for start, length in self.grad_slice.piece_bounds:
+                inside = [Segment(s.param_index, s.start - start, s.length) for s in self.grad_slice.segments
+                          if start <= s.start < start + length]
+                self._batches.append(plan_strided_batches(inside, device))
+        return self._batches
+
+    def _basis_pieces(self, basis=None):
+        basis = self.basis if basis is None else basis
+        return [basis[:, start:start + length] for start, length in self.grad_slice.piece_bounds]
+
+    def _coefficients(self, basis_pieces, grad_pieces):
+        """Per-unit inner products U_unit^T g, summed over ranks: (units, K) float32."""
+        k = basis_pieces[0].shape[0]
+        coeff = torch.zeros(self.num_units, k, dtype=torch.float32, device=grad_pieces[0].device)
+        for u, g, batches in zip(basis_pieces, grad_pieces, self._piece_batches(grad_pieces[0].device)):
+            if self.scope == "global":
+                coeff[0] += _matvec(u, g)
+            else:
+                for b in batches:
+                    partial = torch.bmm(b.view(g), _cast(b.view(u, k), g.dtype).transpose(1, 2))
+                    coeff.index_add_(0, b.param_index, partial.squeeze(1))
+        return self.grad_slice.reduce_(coeff)
+
+    def _unit_sq_norms(self, grad_pieces):
+        sq = torch.zeros(self.num_units, dtype=torch.float32, device=grad_pieces[0].device)
+        for g, batches in zip(grad_pieces, self._piece_batches(grad_pieces[0].device)):
+            if self.scope == "global":
+                sq[0] += g.float().square().sum()
+            else:
+                for b in batches:
+                    view = b.view(g)
+                    sq.index_add_(0, b.param_index, torch.bmm(view, view.transpose(1, 2)).reshape(-1).float())
+        return self.grad_slice.reduce_(sq)
+
+    # -- projection ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def project_(self, diagnostics=False):
+        """Project this rank's gradient slice in place; return `ProjectionStats` when `diagnostics` is set.
+
+        Cost without diagnostics: two passes over the basis and the gradient (coefficients, then subtraction)
+        and one all-reduce of the coefficient table when the slice is sharded. Diagnostics add two passes.
+        """
+        grad_pieces = self.grad_slice.pieces()
+        basis_pieces = self._basis_pieces()
+        sq_before = self._unit_sq_norms(grad_pieces) if diagnostics else None
+        coeff = self._coefficients(basis_pieces, grad_pieces)
+        if self.method == "threshold":
+            conflicts = coeff < 0
+            unit_scale = torch.where(conflicts.any(-1), 1.0, self.scale).to(coeff.dtype)
+            coeff = coeff * conflicts
+            if self.scale != 1.0:
+                self._scale_units_(grad_pieces, unit_scale)
+        for u, g, batches in zip(basis_pieces, grad_pieces, self._piece_batches(grad_pieces[0].device)):
+            if self.scope == "global":
+                _sub_matvec_t_(g, u, coeff[0])
+            else:
+                k = u.shape[0]
+                for b in batches:
+                    b.view(g).baddbmm_(coeff[b.param_index].unsqueeze(1).to(g.dtype), _cast(b.view(u, k), g.dtype),
+                                       alpha=-1)
+        if not diagnostics:
+            return None
+        sq_after = self._unit_sq_norms(grad_pieces)
+        coeff_after = self._coefficients(basis_pieces, grad_pieces)
+        unit_norm = sq_after.sqrt().unsqueeze(-1)
+        cos = torch.where(unit_norm > 0, coeff_after.abs() / unit_norm.clamp_min(1e-30), 0.0)
+        before, after = sq_before.sum().sqrt().item(), sq_after.sum().sqrt().item()
+        return ProjectionStats(before, after, 1.0 - after / before if before > 0 else 0.0,
+                               cos.max().item() if cos.numel() else 0.0)
+
+    def _scale_units_(self, grad_pieces, unit_scale):
+        for g, batches in zip(grad_pieces, self._piece_batches(grad_pieces[0].device)):
+            if self.scope == "global":
+                g.mul_(unit_scale[0])
+            else:
+                for b in batches:
+                    b.view(g).mul_(unit_scale[b.param_index].view(-1, 1, 1).to(g.dtype))
+
+    # -- basis ---------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def set_directions_(self, directions, step):
+        """Turn K reference directions (a (K, n) tensor over this rank's slice, consumed in place) into the basis.
+
+        Each direction is first normalised per unit (per parameter, or globally), so that every reference set
+        counts equally; then it is orthonormalised per unit from all-reduced float64 Gram matrices, twice
+        (the second pass restores orthogonality lost to float32 rounding when forming U = C D).
+        """
+        self.basis = None  # free the old basis before the new one is formed
+        gram = self._gram(directions)
+        norms = gram.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt()
+        inverse_norm = torch.where(norms > 0, 1.0 / norms.clamp_min(1e-300), 0.0)
+        gram = gram * inverse_norm.unsqueeze(-1) * inverse_norm.unsqueeze(-2)
+        coeff = orthonormal_coefficients(gram, self.basis_kind, self.threshold) * inverse_norm.unsqueeze(-2)
+        self._apply_coefficients_(directions, coeff)
+        coeff = orthonormal_coefficients(self._gram(directions), "qr", 0.0)
+        self._apply_coefficients_(directions, coeff)
+        self.rank_per_unit = (coeff.abs().sum(-1) > 0).sum(-1)
+        self.basis = directions.to(self.dtype)
+        self.refreshed_at = step
+
+    def _unit_ranges(self):
+        """(unit, start, length) runs of the local slice: one per segment (per_param) or one per piece."""
+        if self.scope == "global":
+            return [(0, start, length) for start, length in self.grad_slice.piece_bounds]
+        return [(s.param_index, s.start, s.length) for s in self.grad_slice.segments]
+
+    def _gram(self, directions):
+        k = directions.shape[0]
+        gram = torch.zeros(self.num_units, k, k, dtype=torch.float64, device=directions.device)
+        for unit, start, length in self._unit_ranges():
+            for lo in range(start, start + length, CHUNK_NUMEL):
+                chunk = directions[:, lo:min(lo + CHUNK_NUMEL, start + length)].double()
+                gram[unit] += chunk @ chunk.T
+        return self.grad_slice.reduce_(gram)
+
+    def _apply_coefficients_(self, directions, coeff):
+        """directions[:, unit] <- coeff[unit] @ directions[:, unit], chunk by chunk (no (K, n) temporary)."""
+        coeff = coeff.to(directions.dtype)
+        for unit, start, length in self._unit_ranges():
+            for lo in range(start, start + length, CHUNK_NUMEL):
+                chunk = directions[:, lo:min(lo + CHUNK_NUMEL, start + length)]
+                chunk.copy_(coeff[unit] @ chunk)
+
+    # -- checkpointing -------------------------------------------------------------------------------------------
+    def state_dict(self):
+        """This rank's basis slice and its metadata (tensors only, for safetensors)."""
+        return {"basis": self.basis.contiguous(), "rank_per_unit": self.rank_per_unit,
+                "refreshed_at": torch.tensor(self.refreshed_at)}
+
+    def load_state_dict(self, state):
+        basis = state["basis"]
+        if basis.shape[1] != self.grad_slice.numel:
+            raise ValueError(f"the saved OGPSA basis covers {basis.shape[1]} gradient entries on this rank, but this "
+                             f"rank owns {self.grad_slice.numel}: resume with the same model, backend and number "
+                             "of processes")
+        self.basis = basis.to(device=self.grad_slice.pieces()[0].device, dtype=self.dtype)
+        self.rank_per_unit = state["rank_per_unit"]
+        self.refreshed_at = int(state["refreshed_at"])
+
+
+def _cast(tensor, dtype):
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
+def _matvec(basis, grad):
+    """basis @ grad for a (K, m) basis and an (m,) gradient, in float32; chunked when the basis needs a cast."""
+    if basis.dtype == grad.dtype:
+        return torch.mv(basis, grad).float()
+    out = torch.zeros(basis.shape[0], dtype=torch.float32, device=grad.device)
+    for lo in range(0, grad.numel(), CHUNK_NUMEL):
+        hi = lo + CHUNK_NUMEL
+        out += torch.mv(basis[:, lo:hi].to(grad.dtype), grad[lo:hi]).float()
+    return out
+
+
+def _sub_matvec_t_(grad, basis, coeff):
+    """grad -= basis^T coeff, in place."""
+    coeff = coeff.to(grad.dtype)
+    if basis.dtype == grad.dtype:
+        grad.addmv_(basis.t(), coeff, alpha=-1)
+        return
+    for lo in range(0, grad.numel(), CHUNK_NUMEL):
+        hi = lo + CHUNK_NUMEL
+        grad[lo:hi].addmv_(basis[:, lo:hi].to(grad.dtype).t(), coeff, alpha=-1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reference-gradient collection
+# ---------------------------------------------------------------------------------------------------------------
+
+def reference_chunks(num_rows, num_samples, num_directions):
+    """Row indices of each direction's samples: the first `num_samples` rows split into contiguous chunks."""
+    used = min(num_rows, num_samples)
+    if num_directions > used:
+        raise ValueError(f"--base_directions {num_directions} needs at least that many reference samples, "
+                         f"but only {used} are available")
+    bounds = [round(i * used / num_directions) for i in range(num_directions + 1)]
+    return [list(range(bounds[i], bounds[i + 1])) for i in range(num_directions)]
+
+
+def rank_micro_batches(indices, rank, world_size, batch_size):
+    """This rank's share of `indices` (every world_size-th), as micro-batches of at most `batch_size`.
+
+    Every rank gets the same number of micro-batches so that collective backward passes stay in step; a rank
+    with fewer samples gets padding micro-batches, marked by `None`, to run with zero loss weight.
+    """
+    share = indices[rank::world_size]
+    per_rank = math.ceil(len(indices) / world_size)
+    num_batches = max(1, math.ceil(per_rank / batch_size))
+    batches = [share[i * batch_size:(i + 1) * batch_size] for i in range(num_batches)]
+    return [batch if batch else None for batch in batches]
+
+
+@torch.no_grad()
+def read_gradient_(grad_slice, out):
+    """Copy this rank's gradient slice into `out` (an (n,) view)."""
+    for piece, (start, length) in zip(grad_slice.pieces(), grad_slice.piece_bounds):
+        out[start:start + length].copy_(piece)

@@ -1,0 +1,637 @@
+"""Setup shared by train_sft_pg.py and train_dpo_pg.py: flags, model, backend, OGPSA refresh, checkpoints, logs.
+
+The training loops themselves live in the two scripts; this module holds what they would otherwise both copy.
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+import ogpsa_core
+from data_utils import IGNORE_INDEX, TEMPLATES
+
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
+
+
+def str2bool(value):
+    if isinstance(value, bool):
+        return value
+    if value.lower() in ("true", "1", "yes"):
+        return True
+    if value.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
+
+
+def flag(group, name, type_=str, **kwargs):
+    """A flag; booleans accept `--x`, `--x True` and `--x False`, as LLaMA-Factory's command lines use."""
+    if type_ is bool:
+        group.add_argument(name, type=str2bool, nargs="?", const=True, **kwargs)
+    else:
+        group.add_argument(name, type=type_, **kwargs)
+
+
+def build_parser(description, stage, default_lr):
+    """The flags both scripts share; names and meanings follow the reference (LLaMA-Factory) commands."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = parser.add_argument_group("run")
+    flag(g, "--stage", default=stage, help=f"training stage; this script runs '{stage}' (projection on) or "
+                                           f"'{stage[:-3]}' (plain, --base_method must be none)")
+    flag(g, "--do_train", bool, default=True, help="must be True: these scripts only train")
+    flag(g, "--output_dir", required=True, help="where checkpoints, logs, plots and the final model go")
+    flag(g, "--overwrite_output_dir", bool, default=False,
+         help="start afresh even if OUTPUT_DIR holds checkpoints (otherwise refused unless resuming)")
+    flag(g, "--seed", int, default=42, help="seed for initialisation-free randomness: data order, dropout")
+    flag(g, "--deepspeed", default=None, help="DeepSpeed JSON config ('auto' values are filled in from these flags)")
+    flag(g, "--ddp_timeout", int, default=1800, help="timeout in seconds for collective operations")
+
+    g = parser.add_argument_group("model")
+    flag(g, "--model_name_or_path", required=True, help="hub id or local folder of a causal LM")
+    flag(g, "--finetuning_type", default="full", help="only 'full' is implemented")
+    flag(g, "--template", default=None, help=f"chat template for tokenizers without one ({', '.join(TEMPLATES)}); "
+                                             "overrides the tokenizer's own")
+    flag(g, "--flash_attn", default="auto", choices=["auto", "disabled", "sdpa", "fa2"],
+         help="attention kernel: auto (transformers' default), disabled (eager), sdpa, fa2 (flash_attention_2)")
+    flag(g, "--trust_remote_code", bool, default=False, help="allow model/tokenizer code from the hub")
+    flag(g, "--gradient_checkpointing", bool, default=False, help="recompute activations in backward to save memory")
+
+    g = parser.add_argument_group("data")
+    flag(g, "--dataset_dir", default="data", help="folder with dataset_info.json and the data files")
+    flag(g, "--dataset", required=True, help="comma-separated training datasets (dataset_info.json names, files or "
+                                             "hub ids)")
+    flag(g, "--cutoff_len", int, default=2048, help="maximum tokens per sequence (prompt + response)")
+    flag(g, "--max_samples", int, default=None, help="use at most this many rows of each dataset")
+    flag(g, "--preprocessing_num_workers", int, default=None, help="processes for tokenisation (large sets only)")
+
+    g = parser.add_argument_group("optimisation")
+    flag(g, "--learning_rate", float, default=default_lr, help="peak learning rate")
+    flag(g, "--num_train_epochs", float, default=3.0, help="epochs (fractions allowed)")
+    flag(g, "--max_steps", int, default=-1, help="optimizer steps; overrides --num_train_epochs when > 0")
+    flag(g, "--per_device_train_batch_size", int, default=8, help="samples per micro-batch per process")
+    flag(g, "--gradient_accumulation_steps", int, default=1, help="micro-batches per optimizer step")
+    flag(g, "--lr_scheduler_type", default="linear", choices=SCHEDULERS, help="learning-rate schedule")
+    flag(g, "--warmup_steps", int, default=0, help="linear warm-up steps")
+    flag(g, "--warmup_ratio", float, default=0.0, help="warm-up as a fraction of all steps (if --warmup_steps is 0)")
+    flag(g, "--optim", default="adamw_torch", choices=["adamw_torch", "sgd"],
+         help="adamw_torch, or sgd (plain SGD, no momentum: for checks and debugging)")
+    flag(g, "--weight_decay", float, default=0.0, help="decoupled weight decay (not on biases and norms)")
+    flag(g, "--adam_beta1", float, default=0.9, help="AdamW beta1")
+    flag(g, "--adam_beta2", float, default=0.999, help="AdamW beta2")
+    flag(g, "--adam_epsilon", float, default=1e-8, help="AdamW epsilon")
+    flag(g, "--max_grad_norm", float, default=1.0, help="clip the (projected) gradient to this norm; 0 disables")
+    flag(g, "--bf16", bool, default=False, help="bfloat16 mixed precision (float32 master weights)")
+    flag(g, "--fp16", bool, default=False, help="not supported: use --bf16")
+
+    g = parser.add_argument_group("saving and logging")
+    flag(g, "--save_strategy", default="steps", choices=["steps", "epoch", "no"], help="when to write checkpoints")
+    flag(g, "--save_steps", int, default=500, help="checkpoint every N optimizer steps (--save_strategy steps)")
+    flag(g, "--save_total_limit", int, default=None, help="keep only the newest N checkpoints")
+    flag(g, "--save_only_model", bool, default=False,
+         help="checkpoints hold only the model (no optimizer, scheduler, RNG, OGPSA basis): cannot be resumed")
+    flag(g, "--resume_from_checkpoint", default=None,
+         help="checkpoint folder to resume from, or True for the newest in OUTPUT_DIR")
+    flag(g, "--logging_steps", int, default=10, help="log every N optimizer steps")
+    flag(g, "--report_to", default="none", choices=["none", "tensorboard", "wandb", "all"],
+         help="experiment trackers (through Accelerate)")
+    flag(g, "--plot_loss", bool, default=False, help="write the loss curve as a PNG into OUTPUT_DIR")
+    flag(g, "--include_num_input_tokens_seen", bool, default=False, help="log the number of input tokens seen")
+
+    g = parser.add_argument_group("OGPSA (orthogonal gradient projection)")
+    flag(g, "--base_dataset", default=None, help="comma-separated general-capability reference sets")
+    flag(g, "--base_num_samples", int, default=200, help="reference samples per set (a smaller set is used whole)")
+    flag(g, "--base_num_steps", int, default=30, help="recompute the basis every N optimizer steps "
+                                                      "(and once before training)")
+    flag(g, "--base_method", default="orthogonal_projection", choices=list(ogpsa_core.METHODS),
+         help="none (plain training), orthogonal_projection (g -= U U^T g), or threshold (remove only components "
+              "that conflict with a reference gradient; scale g by --base_scale where none does)")
+    flag(g, "--base_scale", float, default=1.0, help="threshold method: factor for gradients with no conflict")
+    flag(g, "--base_threshold", float, default=0.0,
+         help="drop basis directions whose singular value (svd) or residual norm (qr) is below this fraction of "
+              "the largest; 0 keeps every numerically independent direction")
+    flag(g, "--base_directions", int, default=1,
+         help="directions per reference set: its samples are split into this many chunks, one direction each")
+    flag(g, "--base_scope", default="per_param", choices=list(ogpsa_core.SCOPES),
+         help="per_param: one basis per parameter tensor (reference semantics); global: one basis over all")
+    flag(g, "--base_basis", default="qr", choices=list(ogpsa_core.BASES),
+         help="qr: Gram-Schmidt in set order; svd: principal directions")
+    flag(g, "--base_dtype", default="float32", choices=["float32", "bfloat16"], help="storage dtype of the basis")
+    flag(g, "--base_batch_size", int, default=None,
+         help="micro-batch size for reference gradients (default: --per_device_train_batch_size)")
+    return parser
+
+
+def check_args(args, stage):
+    """Refuse flag values these scripts cannot honour, with a message that says what to do instead."""
+    plain_stage = stage[:-3]
+    if args.stage not in (stage, plain_stage):
+        raise SystemExit(f"--stage {args.stage} is not run by this script: it runs '{stage}' (or '{plain_stage}' "
+                         "without projection)")
+    if args.stage == plain_stage and args.base_method != "none":
+        raise SystemExit(f"--stage {plain_stage} trains without projection: pass --base_method none, or use "
+                         f"--stage {stage}")
+    if not args.do_train:
+        raise SystemExit("--do_train False: these scripts only train (evaluation is not implemented)")
+    if args.finetuning_type != "full":
+        raise SystemExit(f"--finetuning_type {args.finetuning_type} is not implemented; only 'full' is")
+    if args.fp16:
+        raise SystemExit("--fp16 is not supported (loss scaling is not implemented); use --bf16")
+    if args.base_method != "none" and not args.base_dataset:
+        raise SystemExit(f"--base_method {args.base_method} needs --base_dataset (the reference sets)")
+    if args.base_num_steps < 1 or args.base_directions < 1 or args.base_num_samples < 1:
+        raise SystemExit("--base_num_steps, --base_directions and --base_num_samples must be at least 1")
+    if args.base_scale != 1.0 and args.base_method != "threshold":
+        raise SystemExit("--base_scale only applies to --base_method threshold")
+    if args.report_to == "all":
+        args.report_to = "tensorboard,wandb"
+    if args.max_steps <= 0 and args.num_train_epochs <= 0:
+        raise SystemExit("set --num_train_epochs or --max_steps to a positive value")
+    args.base_batch_size = args.base_batch_size or args.per_device_train_batch_size
+    args.resume_from_checkpoint = resolve_resume(args)
+    return args
+
+
+def resolve_resume(args):
+    """The checkpoint to resume from, or None; refuses to silently overwrite an earlier run's checkpoints."""
+    resume = args.resume_from_checkpoint
+    if resume in (None, "", "False", "false"):
+        if checkpoints(args.output_dir) and not args.overwrite_output_dir:
+            raise SystemExit(f"{args.output_dir} already holds checkpoints: pass --resume_from_checkpoint True to "
+                             "continue, or --overwrite_output_dir True to start afresh")
+        return None
+    if resume in ("True", "true", "latest"):
+        found = checkpoints(args.output_dir)
+        if not found:
+            raise SystemExit(f"--resume_from_checkpoint {resume}: no checkpoint in {args.output_dir}")
+        return str(found[-1])
+    if not Path(resume, "trainer_state.json").is_file():
+        raise SystemExit(f"--resume_from_checkpoint {resume}: not a complete checkpoint (no trainer_state.json)")
+    return resume
+
+
+def checkpoints(output_dir):
+    """Complete checkpoints in OUTPUT_DIR, oldest first (partial ones are never renamed into place)."""
+    found = [p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Setup
+# ---------------------------------------------------------------------------------------------------------------
+
+def make_accelerator(args):
+    """Accelerate with gloo on machines without a GPU, so the same launch configs work with CPU processes."""
+    from accelerate import Accelerator, InitProcessGroupKwargs
+
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    backend = ("nccl" if torch.cuda.is_available() else "gloo") if distributed else None
+    handlers = [InitProcessGroupKwargs(backend=backend, timeout=timedelta(seconds=args.ddp_timeout))]
+    trackers = None if args.report_to == "none" else args.report_to.split(",")
+    # cpu=True is what makes Accelerate start DDP over gloo without a GPU (DeepSpeed starts its own group).
+    use_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    accelerator = Accelerator(mixed_precision="bf16" if args.bf16 else "no", log_with=trackers,
+                              project_dir=args.output_dir, kwargs_handlers=handlers,
+                              cpu=not torch.cuda.is_available() and not use_deepspeed)
+    if trackers:
+        accelerator.init_trackers(Path(args.output_dir).name, config=json_safe(vars(args)))
+    return accelerator
+
+
+def json_safe(config):
+    return {k: v if isinstance(v, (int, float, str, bool)) or v is None else str(v) for k, v in config.items()}
+
+
+def load_model(path, args):
+    from transformers import AutoModelForCausalLM
+
+    attention = {"auto": None, "disabled": "eager", "sdpa": "sdpa", "fa2": "flash_attention_2"}[args.flash_attn]
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attention,
+                                                 trust_remote_code=args.trust_remote_code)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+def load_tokenizer(path, args):
+    from transformers import AutoTokenizer
+
+    from data_utils import apply_template
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+    apply_template(tokenizer, args.template)
+    return tokenizer
+
+
+def build_optimizer(model, args):
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if args.optim == "sgd":
+        return torch.optim.SGD(groups, lr=args.learning_rate)
+    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                             eps=args.adam_epsilon)
+
+
+def build_scheduler(optimizer, args, total_steps):
+    from transformers import get_scheduler
+
+    warmup = args.warmup_steps or math.ceil(args.warmup_ratio * total_steps)
+    return get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def total_optimizer_steps(args, steps_per_epoch):
+    return args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Backend: where backward runs and where the reduced gradient lives
+# ---------------------------------------------------------------------------------------------------------------
+
+class Backend:
+    """Single process or DDP through Accelerate. Gradients live in one flat buffer (see ReplicatedGradSlice).
+
+    The training loop calls, per optimizer step: `micro_batch(sync)` + `backward(loss)` for each micro-batch
+    (sync=True on the last one, where DDP reduces), then projects `grad_slice`, then `clip_and_step(max_norm)`.
+    """
+
+    def __init__(self, accelerator, model, optimizer):
+        self.accelerator, self.model, self.optimizer = accelerator, model, optimizer
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.grad_slice = ogpsa_core.ReplicatedGradSlice(self.params)
+
+    def micro_batch(self, sync):
+        """Context for one micro-batch's forward and backward; gradients are reduced across ranks only if sync."""
+        return nullcontext() if sync else self.accelerator.no_sync(self.model)
+
+    def backward(self, loss):
+        self.accelerator.backward(loss)
+
+    def clip_and_step(self, max_norm):
+        """Clip (if max_norm > 0), step, zero the gradient; returns the norm before clipping."""
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm if max_norm > 0 else float("inf"))
+        self.optimizer.step()
+        self.zero_grad()
+        return norm.item()
+
+    def zero_grad(self):
+        self.grad_slice.zero_()
+
+    # -- checkpoint: the optimizer is replicated, so rank 0 writes it --------------------------------------------
+    def optimizer_state(self):
+        return self.optimizer.state_dict() if self.accelerator.is_main_process else None
+
+    def load_optimizer_state(self, state):
+        self.optimizer.load_state_dict(state)
+
+
+def make_backend(accelerator, model, optimizer):
+    return Backend(accelerator, model, optimizer)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Losses shared by the scripts
+# ---------------------------------------------------------------------------------------------------------------
+
+def token_logps(model, batch):
+    """Log-probability of every label token given its prefix: (B, T) float32, 0 where labels are ignored.
+
+    Position t predicts token t + 1, so labels are shifted left by one instead of slicing the logits.
+    """
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
+    nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
+                          reduction="none")
+    return -nll.view(labels.shape)
+
+
+def response_nll_sum(model, batch):
+    """Sum of the NLL of all response tokens in the batch (the SFT loss before normalisation)."""
+    return -token_logps(model, batch).sum()
+
+
+def to_device(batch, device):
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# OGPSA: reference sets and basis refresh
+# ---------------------------------------------------------------------------------------------------------------
+
+class ReferenceSet:
+    """Reference samples plus how to batch them and which loss their gradient is taken of.
+
+    loss_sum(model, batch) returns the loss summed over the batch's units (tokens or pairs); weight(example)
+    is the number of units an example contributes, so every direction is the gradient of the mean over units.
+    """
+
+    def __init__(self, name, examples, collate, loss_sum, weight):
+        self.name, self.examples, self.collate, self.loss_sum, self.weight = name, examples, collate, loss_sum, weight
+
+
+def make_projector(args, backend):
+    if args.base_method == "none":
+        return None
+    return ogpsa_core.Projector(backend.grad_slice, scope=args.base_scope, method=args.base_method,
+                                basis=args.base_basis, threshold=args.base_threshold, scale=args.base_scale,
+                                dtype=getattr(torch, args.base_dtype))
+
+
+def refresh_basis(projector, backend, model, reference_sets, args, step, device):
+    """Collect the reference directions with the training backend and rebuild the basis; leaves no trace.
+
+    Each rank runs the same number of micro-batches (padding ones with zero weight), so collective backward
+    passes stay in step. The random state is restored afterwards, and the gradient is zeroed.
+    """
+    accelerator = backend.accelerator
+    world, rank = accelerator.num_processes, accelerator.process_index
+    plans = [(ref, chunk) for ref in reference_sets
+             for chunk in ogpsa_core.reference_chunks(len(ref.examples), args.base_num_samples, args.base_directions)]
+    directions = torch.empty(len(plans), backend.grad_slice.numel, dtype=torch.float32, device=device)
+    start = time.perf_counter()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for k, (ref, chunk) in enumerate(plans):
+            units = sum(ref.weight(ref.examples[i]) for i in chunk)
+            batches = ogpsa_core.rank_micro_batches(chunk, rank, world, args.base_batch_size)
+            for j, indices in enumerate(batches):
+                scale = world / units if indices else 0.0
+                batch = to_device(ref.collate([ref.examples[i] for i in (indices or chunk[:1])]), device)
+                with backend.micro_batch(sync=j == len(batches) - 1):
+                    backend.backward(ref.loss_sum(model, batch) * scale)
+            ogpsa_core.read_gradient_(backend.grad_slice, directions[k])
+            backend.zero_grad()
+    projector.set_directions_(directions, step)
+    return time.perf_counter() - start
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints (safetensors for tensors, JSON for the rest; written to a temporary folder, then renamed)
+# ---------------------------------------------------------------------------------------------------------------
+
+def _split_state(state, prefix=""):
+    """Nested dict/list state -> (flat tensors for safetensors, JSON-able skeleton with tensor keys)."""
+    tensors = {}
+
+    def walk(node, key):
+        if isinstance(node, torch.Tensor):
+            tensors[key] = node.detach().contiguous().cpu()
+            return {"__tensor__": key}
+        if isinstance(node, dict):
+            return {"__dict__": [[walk(k, f"{key}.k{i}"), walk(v, f"{key}.{i}")]
+                                 for i, (k, v) in enumerate(node.items())]}
+        if isinstance(node, (list, tuple)):
+            return [walk(v, f"{key}.{i}") for i, v in enumerate(node)]
+        if node is None or isinstance(node, (int, float, str, bool)):
+            return node
+        raise TypeError(f"cannot checkpoint a {type(node).__name__} at {key}")
+
+    return tensors, walk(state, prefix or "state")
+
+
+def _join_state(skeleton, tensors):
+    def walk(node):
+        if isinstance(node, dict) and "__tensor__" in node:
+            return tensors[node["__tensor__"]]
+        if isinstance(node, dict):
+            return {walk(k): walk(v) for k, v in node["__dict__"]}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    return walk(skeleton)
+
+
+def save_state(state, folder, name):
+    """Write a nested state as NAME.safetensors + NAME.json (never a pickle)."""
+    tensors, skeleton = _split_state(state)
+    save_file(tensors, str(Path(folder, f"{name}.safetensors")))
+    Path(folder, f"{name}.json").write_text(json.dumps(skeleton))
+
+
+def load_state(folder, name, device="cpu"):
+    tensors = load_file(str(Path(folder, f"{name}.safetensors")), device=str(device))
+    return _join_state(json.loads(Path(folder, f"{name}.json").read_text()), tensors)
+
+
+def rng_state():
+    state = {"python": list(random.getstate()), "numpy": list(np.random.get_state()),
+             "torch": torch.get_rng_state()}
+    state["python"][1] = list(state["python"][1])
+    state["numpy"][1] = torch.from_numpy(state["numpy"][1].copy())
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    python = state["python"]
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    numpy = state["numpy"]
+    np.random.set_state((numpy[0], numpy[1].numpy(), *numpy[2:]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(args, accelerator, model, tokenizer, backend, scheduler, projector, step, extra_state=None):
+    """OUTPUT_DIR/checkpoint-STEP, written under a temporary name and renamed when complete.
+
+    A run killed while saving leaves the previous checkpoints untouched; the newest complete one resumes.
+    """
+    output = Path(args.output_dir)
+    final = output / f"checkpoint-{step}"
+    partial = output / f".partial-checkpoint-{step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(partial, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(partial)
+    if not args.save_only_model:
+        optimizer_state = backend.optimizer_state()
+        if optimizer_state is not None:
+            save_state(optimizer_state, partial, "optimizer")
+        if accelerator.is_main_process:
+            Path(partial, "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
+        save_state(rng_state(), partial, f"rng_state_{accelerator.process_index}")
+        if projector is not None and (backend.grad_slice.sharded or accelerator.is_main_process):
+            save_file(projector.state_dict(), str(partial / f"ogpsa_basis_{accelerator.process_index}.safetensors"))
+        if extra_state:
+            save_state(extra_state, partial, f"extra_state_{accelerator.process_index}")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        trainer_state = {"global_step": step, "save_only_model": args.save_only_model,
+                         "world_size": accelerator.num_processes, "args": json_safe(vars(args))}
+        Path(partial, "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+        _fsync_tree(partial)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        if args.save_total_limit:
+            for old in checkpoints(output)[:-args.save_total_limit]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def _fsync_tree(folder):
+    for path in Path(folder).iterdir():
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+
+
+def load_checkpoint(folder, args, accelerator, backend, scheduler, projector, global_batch):
+    """Restore optimizer, scheduler, RNG and the OGPSA basis; returns (step, extra_state)."""
+    trainer_state = json.loads(Path(folder, "trainer_state.json").read_text())
+    if trainer_state["save_only_model"]:
+        raise SystemExit(f"{folder} was saved with --save_only_model True: it holds no optimizer, scheduler or RNG "
+                         "state, so training cannot resume exactly. Start a new run from it with "
+                         f"--model_name_or_path {folder} instead")
+    saved = trainer_state["args"]
+    saved_batch = saved["per_device_train_batch_size"] * trainer_state["world_size"] * \
+        saved["gradient_accumulation_steps"]
+    for name, now, then in [("global batch size (per-device batch x processes x accumulation)", global_batch,
+                             saved_batch), ("--seed", args.seed, saved["seed"]),
+                            ("--dataset", args.dataset, saved["dataset"])]:
+        if now != then:
+            raise SystemExit(f"cannot resume from {folder}: {name} was {then}, now {now}; the data order would "
+                             "differ")
+    backend.load_optimizer_state(load_state(folder, "optimizer", "cpu"))
+    scheduler.load_state_dict(json.loads(Path(folder, "scheduler.json").read_text()))
+    rank = accelerator.process_index
+    rng_file = Path(folder, f"rng_state_{rank}.json")
+    if rng_file.is_file():
+        set_rng_state(load_state(folder, f"rng_state_{rank}"))
+    if projector is not None:
+        basis_rank = rank if backend.grad_slice.sharded else 0
+        basis_file = Path(folder, f"ogpsa_basis_{basis_rank}.safetensors")
+        if not basis_file.is_file():
+            raise SystemExit(f"cannot resume from {folder}: it has no OGPSA basis for rank {basis_rank} (was it "
+                             "saved without projection, or with another number of processes?)")
+        projector.load_state_dict(load_file(str(basis_file)))
+    extra_file = Path(folder, f"extra_state_{rank}.json")
+    extra = load_state(folder, f"extra_state_{rank}") if extra_file.is_file() else None
+    return trainer_state["global_step"], extra
+
+
+def save_final_model(args, accelerator, model, tokenizer):
+    """Model (safetensors) and tokenizer into OUTPUT_DIR, each file moved into place whole."""
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        staging = Path(args.output_dir, ".partial-final-model")
+        shutil.rmtree(staging, ignore_errors=True)
+        accelerator.unwrap_model(model).save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        _fsync_tree(staging)
+        for path in staging.iterdir():
+            os.replace(path, Path(args.output_dir, path.name))
+        staging.rmdir()
+    accelerator.wait_for_everyone()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Logging
+# ---------------------------------------------------------------------------------------------------------------
+
+class MetricLog:
+    """Per-interval metrics: local (sum, count) pairs reduced over ranks once per interval, not per step.
+
+    Writes one line per interval (through tqdm), appends the record to OUTPUT_DIR/trainer_log.jsonl, and sends
+    it to Accelerate's trackers.
+    """
+
+    def __init__(self, accelerator, args, total_steps, start_step):
+        from tqdm.auto import tqdm
+
+        self.accelerator, self.args = accelerator, args
+        self.sums = {}
+        self.path = Path(args.output_dir, "trainer_log.jsonl")
+        self.bar = tqdm(total=total_steps, initial=start_step, disable=not accelerator.is_main_process,
+                        desc="training", dynamic_ncols=True)
+        self.start = time.perf_counter()
+
+    def add(self, name, total, count):
+        """Add a local sum over `count` units (tokens, pairs) to the current interval."""
+        total, count = torch.as_tensor(total, dtype=torch.float64), torch.as_tensor(count, dtype=torch.float64)
+        old = self.sums.get(name, (0.0, 0.0))
+        self.sums[name] = (old[0] + total.detach().cpu(), old[1] + count.cpu())
+
+    def flush(self, step, extra):
+        """Reduce the interval's sums, log a record with `extra` scalars, and reset."""
+        names = sorted(self.sums)
+        packed = torch.tensor([float(v) for n in names for v in self.sums[n]], dtype=torch.float64,
+                              device=self.accelerator.device)
+        if self.accelerator.num_processes > 1 and len(names):
+            packed = self.accelerator.reduce(packed, reduction="sum")
+        record = {"step": step}
+        for i, name in enumerate(names):
+            total, count = packed[2 * i].item(), packed[2 * i + 1].item()
+            record[name] = total / count if count else float("nan")
+        record.update(extra)
+        record["elapsed_s"] = round(time.perf_counter() - self.start, 2)
+        self.sums = {}
+        if self.accelerator.is_main_process:
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in record.items()}
+            self.bar.write(" ".join(f"{k}={v}" for k, v in shown.items()))
+        self.accelerator.log(record, step=step)
+        return record
+
+    def close(self):
+        self.bar.close()
+
+
+def projection_record(stats, projector):
+    if stats is None:
+        return {}
+    record = {k: round(v, 6) for k, v in asdict(stats).items()}
+    record["basis_rank"] = int(projector.rank_per_unit.max())
+    return record
+
+
+def plot_curves(output_dir, keys=("loss",)):
+    """PNG of the logged curves (one panel per key) from trainer_log.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in Path(output_dir, "trainer_log.jsonl").read_text().splitlines()]
+    keys = [k for k in keys if any(k in r for r in records)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5), squeeze=False)
+    for axis, key in zip(axes[0], keys):
+        points = [(r["step"], r[key]) for r in records if key in r]
+        axis.plot(*zip(*points), marker=".")
+        axis.set_xlabel("step")
+        axis.set_title(key)
+        axis.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(output_dir, "training_loss.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_json(path, obj):
+    """Write JSON atomically (temporary file, then rename)."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(obj, indent=2))
+    os.replace(temporary, path)
