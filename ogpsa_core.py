@@ -219,7 +219,8 @@ class ProjectionStats:
     grad_norm: float  # ||g|| before projection
     grad_norm_projected: float  # ||g'|| after
     removed_fraction: float  # 1 - ||g'|| / ||g||
-    max_abs_cos: float  # largest |cos(g'_unit, u)| over basis vectors u (0 up to rounding after projection)
+    max_abs_cos: float  # largest |cos(g'_unit, u)| over basis vectors u (0 up to rounding after projection);
+    # units whose projected gradient is below 1e-4 of its original norm (fully in the span) are skipped
 
 
 class Projector:
@@ -323,8 +324,10 @@ class Projector:
             return None
         sq_after = self._unit_sq_norms(grad_pieces)
         coeff_after = self._coefficients(basis_pieces, grad_pieces)
+        # A unit whose gradient lay entirely in its span keeps only rounding noise, whose angle means nothing.
         unit_norm = sq_after.sqrt().unsqueeze(-1)
-        cos = torch.where(unit_norm > 0, coeff_after.abs() / unit_norm.clamp_min(1e-30), 0.0)
+        defined = unit_norm > 1e-4 * sq_before.sqrt().unsqueeze(-1)
+        cos = torch.where(defined, coeff_after.abs() / unit_norm.clamp_min(1e-30), 0.0)
         before, after = sq_before.sum().sqrt().item(), sq_after.sum().sqrt().item()
         return ProjectionStats(before, after, 1.0 - after / before if before > 0 else 0.0,
                                cos.max().item() if cos.numel() else 0.0)

@@ -1,0 +1,109 @@
+"""Shared test helpers: a synthetic gradient slice and an independent float64 reference of the projection."""
+
+import torch
+
+import ogpsa_core
+
+
+class FlatSlice(ogpsa_core.GradSlice):
+    """A gradient slice over a given flat tensor, split into `num_pieces` pieces (as ZeRO param groups are)."""
+
+    def __init__(self, flat, lengths, num_pieces=1, first_param=0, num_params=None, sharded=False, offset=0):
+        """lengths: parameter lengths inside this slice, in order; first_param: index of the first one."""
+        self.flat, self.sharded = flat, sharded
+        self.num_params = num_params if num_params is not None else first_param + len(lengths)
+        self.segments, start = [], 0
+        for i, length in enumerate(lengths):
+            self.segments.append(ogpsa_core.Segment(first_param + i, start, length))
+            start += length
+        cuts = sorted({0, flat.numel()} | {s.start for s in self.segments[::max(1, len(lengths) // num_pieces)]})
+        self.piece_bounds = [(a, b - a) for a, b in zip(cuts, cuts[1:])]
+
+    def pieces(self):
+        return [self.flat[a:a + n] for a, n in self.piece_bounds]
+
+
+def reference_projection(grad, directions, lengths, scope, method="orthogonal_projection", scale=1.0,
+                         rtol=ogpsa_core.NUMERICAL_RTOL):
+    """g' by dense float64 linear algebra: per unit, Householder QR (threshold) or SVD (projection) of D^T."""
+    grad, directions = grad.double(), directions.double()
+    out = grad.clone()
+    bounds = [(0, grad.numel())] if scope == "global" else []
+    if scope == "per_param":
+        start = 0
+        for length in lengths:
+            bounds.append((start, length))
+            start += length
+    for start, length in bounds:
+        g, d = grad[start:start + length], directions[:, start:start + length]
+        norms = d.norm(dim=1, keepdim=True)
+        d = torch.where(norms > 0, d / norms.clamp_min(1e-300), torch.zeros_like(d))
+        if method == "orthogonal_projection":
+            u, s, _ = torch.linalg.svd(d.T, full_matrices=False)
+            keep = s > rtol * s.max() if s.numel() and s.max() > 0 else torch.zeros_like(s, dtype=torch.bool)
+            q = u[:, keep]
+            out[start:start + length] = g - q @ (q.T @ g)
+        else:  # threshold: Gram-Schmidt order and orientation, from Householder QR with positive diagonal
+            q, r = torch.linalg.qr(d.T)
+            sign = torch.sign(torch.diagonal(r))
+            q = q * torch.where(sign == 0, 1.0, sign)
+            keep = torch.diagonal(r).abs() > rtol
+            q = q[:, keep]
+            c = q.T @ g
+            conflicts = c < 0
+            if conflicts.any():
+                out[start:start + length] = g - q[:, conflicts] @ c[conflicts]
+            elif keep.any():
+                out[start:start + length] = g * scale
+    return out
+
+
+def relative_error(actual, expected):
+    return ((actual.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-30)).item()
+
+
+def run_script(script, args, nproc=1, expect_ok=True, timeout=600, launcher=None):
+    """Run a training script (python, torchrun with nproc CPU processes, or launcher="accelerate")."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
+           "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    port = str(29500 + os.getpid() % 1000)
+    if launcher == "accelerate":
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(nproc),
+                    "--main_process_port", port]
+    elif nproc == 1:
+        launcher = [sys.executable]
+    else:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+                    port]
+    command = launcher + [str(root / script)] + [str(a) for a in args]
+    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+    if expect_ok and result.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def load_weights(folder):
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+
+def weights_relative_difference(a, b):
+    num = sum(((a[k].double() - b[k].double()) ** 2).sum() for k in a)
+    den = sum((a[k].double() ** 2).sum() for k in a)
+    return (num / den).sqrt().item()
+
+
+def read_log(folder):
+    import json
+    from pathlib import Path
+
+    return [json.loads(line) for line in (Path(folder) / "trainer_log.jsonl").read_text().splitlines()]

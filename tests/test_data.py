@@ -1,0 +1,221 @@
+"""Datasets, templates, truncation, errors and the step sampler."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+import data_utils
+from data_utils import IGNORE_INDEX, DataError, StepSampler
+
+
+def write_dataset(tmp_path, rows, entry=None, name="data.json"):
+    path = tmp_path / name
+    if name.endswith(".jsonl"):
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        path.write_text(json.dumps(rows))
+    info = {"set": {"file_name": name, **(entry or {})}}
+    (tmp_path / "dataset_info.json").write_text(json.dumps(info))
+    return tmp_path
+
+
+def response_text(tokenizer, example):
+    return tokenizer.decode([t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE_INDEX])
+
+
+# ---- rendering and labels -------------------------------------------------------------------------------------
+
+def test_alpaca_sft_labels_cover_the_response_only(tokenizer):
+    conversation = {"system": None, "turns": [("What is 2 + 2?", "4")]}
+    example = data_utils.tokenize_sft(conversation, tokenizer, cutoff_len=512)
+    text = tokenizer.decode(example["input_ids"])
+    assert text == tokenizer.apply_chat_template([{"role": "user", "content": "What is 2 + 2?"},
+                                                  {"role": "assistant", "content": "4"}], tokenize=False)
+    assert response_text(tokenizer, example) == "4<|im_end|>\n"
+    assert data_utils.num_targets(example["labels"]) == len(tokenizer("4<|im_end|>\n")["input_ids"])
+
+
+def test_multi_turn_trains_every_assistant_turn(tokenizer):
+    conversation = {"system": "Be brief.", "turns": [("Hi", "Hello"), ("Reverse 'abc'.", "cba")]}
+    example = data_utils.tokenize_sft(conversation, tokenizer, cutoff_len=512)
+    assert response_text(tokenizer, example) == "Hello<|im_end|>\ncba<|im_end|>\n"
+    assert "Be brief." in tokenizer.decode(example["input_ids"])
+
+
+@pytest.mark.parametrize("template", ["qwen", "llama3", "default"])
+def test_builtin_templates_render_prefix_consistently(tokenizer, template):
+    tok = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    data_utils.apply_template(tok, template)
+    example = data_utils.tokenize_sft({"system": None, "turns": [("q1", "a1"), ("q2", "a2")]}, tok, 512)
+    response = response_text(tok, example)
+    assert "a1" in response and "a2" in response and "q1" not in response and "q2" not in response
+
+
+def test_tokenizer_without_template_needs_the_flag(tokenizer):
+    tok = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    tok.chat_template = None
+    with pytest.raises(ValueError, match="--template"):
+        data_utils.apply_template(tok, None)
+    with pytest.raises(ValueError, match="unknown --template 'nope'"):
+        data_utils.apply_template(tok, "nope")
+
+
+def test_budget_rule():
+    assert data_utils.budget(100, 10, 50) == (40, 10)  # short response kept whole
+    assert data_utils.budget(10, 100, 50) == (10, 40)  # short prompt kept whole
+    assert data_utils.budget(60, 40, 50) == (30, 20)  # both cut in proportion
+    assert data_utils.budget(1000, 5, 10) == (10, 0)  # the response can be cut away entirely
+
+
+def test_cutoff_keeps_prompt_end_and_response_start(tokenizer):
+    long_prompt = " ".join(f"word{i}" for i in range(200))
+    conversation = {"system": None, "turns": [(long_prompt + " END", "the answer")]}
+    example = data_utils.tokenize_sft(conversation, tokenizer, cutoff_len=40)
+    assert len(example["input_ids"]) == 40
+    assert response_text(tokenizer, example) == "the answer<|im_end|>\n"
+    assert "END" in tokenizer.decode(example["input_ids"])
+
+
+def test_samples_whose_response_is_cut_away_are_dropped_and_counted(tokenizer):
+    response = "a b c d e f g h i j k l"  # over half the budget: cut in proportion to the prompt
+    conversations = [{"system": None, "turns": [("short", response)]},
+                     {"system": None, "turns": [(" ".join(["long"] * 400), response)]}]
+    kept, dropped = data_utils.tokenize_dataset(conversations, tokenizer, cutoff_len=24, ranking=False)
+    assert (len(kept), dropped) == (1, 1)
+
+
+def test_pairs_share_the_prompt_and_truncate_alike(tokenizer):
+    conversation = {"system": None, "turns": [("earlier", "reply")], "prompt": "Which is right?",
+                    "chosen": "The first " * 20, "rejected": "no"}
+    full = data_utils.tokenize_pair(conversation, tokenizer, cutoff_len=512)
+    cut = data_utils.tokenize_pair(conversation, tokenizer, cutoff_len=60)
+    for example in (full, cut):
+        prompt_len = example["chosen_labels"].index(next(x for x in example["chosen_labels"] if x != IGNORE_INDEX))
+        assert example["chosen_input_ids"][:prompt_len] == example["rejected_input_ids"][:prompt_len]
+        assert all(x == IGNORE_INDEX for x in example["rejected_labels"][:prompt_len])
+    assert len(cut["chosen_input_ids"]) <= 60 and len(cut["rejected_input_ids"]) <= 60
+    assert tokenizer.decode([t for t in full["rejected_labels"] if t != IGNORE_INDEX]) == "no<|im_end|>\n"
+    assert "reply" not in tokenizer.decode([t for t in full["chosen_labels"] if t != IGNORE_INDEX])
+
+
+# ---- dataset_info.json and formats ----------------------------------------------------------------------------
+
+def test_demo_datasets_load(tokenizer):
+    args = SimpleNamespace(dataset_dir="data", max_samples=None, cutoff_len=512, preprocessing_num_workers=1)
+    for name, ranking in [("demo_safety_sft", False), ("demo_general_a_sft", False), ("demo_general_b_sft", False),
+                          ("demo_safety_dpo", True), ("demo_general_dpo", True)]:
+        examples = data_utils.load_tokenized(name, args, tokenizer, ranking, log=lambda *_: None)
+        assert len(examples) == 300
+
+
+def test_sharegpt_with_custom_tags_and_system(tmp_path):
+    rows = [{"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "q"},
+                          {"role": "assistant", "content": "a"}]}]
+    entry = {"formatting": "sharegpt", "columns": {"messages": "messages"},
+             "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}}
+    spec, conversations = data_utils.load_conversations("set", write_dataset(tmp_path, rows, entry), ranking=False)
+    assert conversations == [{"system": "S", "turns": [("q", "a")]}]
+
+
+def test_alpaca_history_system_and_query(tmp_path):
+    rows = [{"instruction": "Add", "input": "2 and 3", "output": "5", "system": "Be exact.",
+             "history": [["Hi", "Hello"]]}]
+    entry = {"columns": {"prompt": "instruction", "query": "input", "response": "output", "system": "system",
+                         "history": "history"}}
+    _, conversations = data_utils.load_conversations("set", write_dataset(tmp_path, rows, entry), ranking=False)
+    assert conversations == [{"system": "Be exact.", "turns": [("Hi", "Hello"), ("Add\n2 and 3", "5")]}]
+
+
+def test_file_path_and_hub_style_folder_load_with_inferred_format(tmp_path):
+    rows = [{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}]
+    path = tmp_path / "plain.jsonl"
+    path.write_text(json.dumps(rows[0]) + "\n")
+    _, conversations = data_utils.load_conversations(str(path), tmp_path, ranking=False)
+    assert conversations == [{"system": None, "turns": [("q", "a")]}]
+    # hf_hub_url goes through datasets.load_dataset, which also reads a local dataset repository folder
+    repo = tmp_path / "hub_repo"
+    repo.mkdir()
+    (repo / "train.json").write_text(json.dumps([{"instruction": "i", "input": "", "output": "o"}]))
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"hub_set": {"hf_hub_url": str(repo)}}))
+    _, conversations = data_utils.load_conversations("hub_set", tmp_path, ranking=False)
+    assert conversations == [{"system": None, "turns": [("i", "o")]}]
+
+
+def test_max_samples_takes_the_first_rows(tmp_path):
+    rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(10)]
+    _, conversations = data_utils.load_conversations("set", write_dataset(tmp_path, rows), False, max_samples=3)
+    assert [c["turns"][0][0] for c in conversations] == ["q0", "q1", "q2"]
+
+
+# ---- errors name the file, the row and the field --------------------------------------------------------------
+
+BAD_ROWS = [
+    ([{"instruction": "q", "output": "a"}, {"instruction": "q"}], None, r"data\.json, row 2, field 'output': missing"),
+    ([{"instruction": "q", "output": 7}], None, r"row 1, field 'output': expected str, got int"),
+    ([{"instruction": "q", "output": "  "}], None, r"row 1, field 'output': is empty"),
+    ([{"instruction": "q", "chosen": "a"}], {"ranking": True}, r"row 1, field 'rejected': missing"),
+    ([{"conversations": [{"from": "gpt", "value": "a"}]}], {"formatting": "sharegpt"},
+     r"row 1, field 'conversations': message 0 has role 'gpt', expected 'human'"),
+    ([{"conversations": [{"from": "human", "value": ""}, {"from": "gpt", "value": "a"}]}],
+     {"formatting": "sharegpt"}, r"row 1, field 'conversations': message 0 needs a non-empty string 'value'"),
+    ([{"instruction": "q", "output": "a", "history": [["only one"]]}],
+     {"columns": {"history": "history"}}, r"row 1, field 'history': entry 0 must be a \[query, response\] pair"),
+    (["not an object"], None, r"row 1: expected a JSON object, got str"),
+]
+
+
+@pytest.mark.parametrize("rows, entry, message", BAD_ROWS)
+def test_bad_rows_are_reported_with_file_row_and_field(tmp_path, rows, entry, message):
+    ranking = bool(entry and entry.get("ranking"))
+    with pytest.raises(DataError, match=message):
+        data_utils.load_conversations("set", write_dataset(tmp_path, rows, entry), ranking=ranking)
+
+
+def test_unknown_dataset_name(tmp_path):
+    write_dataset(tmp_path, [{"instruction": "q", "output": "a"}])
+    with pytest.raises(DataError, match=r"unknown dataset 'nope': not in .*dataset_info\.json \(known: set\)"):
+        data_utils.load_conversations("nope", tmp_path, ranking=False)
+
+
+def test_empty_file_and_invalid_json(tmp_path):
+    (tmp_path / "data.json").write_text("")
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"set": {"file_name": "data.json"}}))
+    with pytest.raises(DataError, match=r"data\.json: the file is empty"):
+        data_utils.load_conversations("set", tmp_path, ranking=False)
+    (tmp_path / "data.json").write_text("[]")
+    with pytest.raises(DataError, match=r"data\.json: the dataset has no rows"):
+        data_utils.load_conversations("set", tmp_path, ranking=False)
+    write_dataset(tmp_path, [], name="data.jsonl").joinpath("data.jsonl").write_text('{"instruction": "q"}\n{oops\n')
+    with pytest.raises(DataError, match=r"data\.jsonl, line 2: invalid JSON"):
+        data_utils.load_conversations("set", tmp_path, ranking=False)
+
+
+def test_sft_data_where_pairs_are_needed_and_back(tmp_path):
+    write_dataset(tmp_path, [{"instruction": "q", "output": "a"}])
+    with pytest.raises(DataError, match=r"dataset 'set' .* is not preference pairs"):
+        data_utils.load_conversations("set", tmp_path, ranking=True)
+
+
+def test_unsupported_dataset_info_keys(tmp_path):
+    write_dataset(tmp_path, [{"instruction": "q", "output": "a"}], {"ms_hub_url": "x"})
+    with pytest.raises(DataError, match=r"dataset 'set': unsupported keys \['ms_hub_url'\]"):
+        data_utils.load_conversations("set", tmp_path, ranking=False)
+
+
+# ---- step sampler ----------------------------------------------------------------------------------------------
+
+def test_n_ranks_see_the_samples_of_one_process_with_n_times_the_batch():
+    single = StepSampler(50, per_device_batch=4, world_size=1, rank=0, grad_accum=3, seed=7)
+    ranks = [StepSampler(50, per_device_batch=2, world_size=2, rank=r, grad_accum=3, seed=7) for r in range(2)]
+    for step in range(10):
+        for m, batch in enumerate(single.micro_batches(step)):
+            assert sorted(batch) == sorted(ranks[0].micro_batches(step)[m] + ranks[1].micro_batches(step)[m])
+
+
+def test_every_sample_once_per_epoch_then_padding_from_the_start():
+    sampler = StepSampler(10, per_device_batch=2, world_size=1, rank=0, grad_accum=2, seed=0)
+    assert sampler.steps_per_epoch == 3
+    epoch = [i for step in range(3) for i in sampler.step_indices(step)]
+    assert sorted(epoch[:10]) == list(range(10)) and epoch[10:] == epoch[:2]
+    assert sampler.step_indices(3) != sampler.step_indices(0)  # a new permutation each epoch
