@@ -48,6 +48,7 @@ class Segment:
     param_index: int  # position of the parameter in the model's trainable-parameter list (same on every rank)
     start: int  # offset in this rank's flat slice (the concatenation of `GradSlice.pieces()`)
     length: int
+    param_start: int = 0  # offset of the run inside the flattened parameter (non-zero where a partition splits it)
 
 
 class GradSlice:

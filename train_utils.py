@@ -202,7 +202,7 @@ def make_accelerator(args):
     trackers = None if args.report_to == "none" else args.report_to.split(",")
     # cpu=True is what makes Accelerate start DDP over gloo without a GPU (DeepSpeed starts its own group).
     use_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    accelerator = Accelerator(mixed_precision="bf16" if args.bf16 else "no", log_with=trackers,
+    accelerator = Accelerator(mixed_precision="bf16" if args.bf16 else None, log_with=trackers,
                               project_dir=args.output_dir, kwargs_handlers=handlers,
                               cpu=not torch.cuda.is_available() and not use_deepspeed)
     if trackers:

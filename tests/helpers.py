@@ -71,7 +71,8 @@ def run_script(script, args, nproc=1, expect_ok=True, timeout=600, launcher=None
 
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
-           "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+           "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
     port = str(29500 + os.getpid() % 1000)
     if launcher == "accelerate":
         launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(nproc),
