@@ -17,19 +17,16 @@ DeepSpeed ZeRO-1/2/3:    accelerate launch --config_file accelerate_configs/deep
 Two CPU processes:       torchrun --nproc_per_node 2 train_sft_pg.py ...
 """
 
-import json
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from accelerate.utils import set_seed
 
 from data_utils import StepSampler, collate_sft, load_tokenized
-from train_utils import (ReferenceSet, build_optimizer, build_parser, build_scheduler, check_args, load_checkpoint,
-                         load_model, load_tokenizer, make_accelerator, make_backend, make_projector, MetricLog,
-                         plot_curves, projection_record, refresh_basis, response_nll_sum, save_checkpoint,
-                         save_final_model, to_device, total_optimizer_steps, write_json)
-
+from train_utils import (MetricLog, ReferenceSet, build_optimizer, build_parser, build_scheduler, check_args,
+                         finish_run, is_save_step, load_checkpoint, load_model, load_tokenizer, make_accelerator,
+                         make_backend, make_projector, refresh_basis, response_nll_sum, save_checkpoint, step_record,
+                         to_device, total_optimizer_steps, write_json)
 
 def main():
     args = check_args(build_parser(__doc__, "sft_pg", default_lr=1e-5).parse_args(), "sft_pg")
@@ -108,32 +105,13 @@ def main():
 
         # ---- log and save -------------------------------------------------------------------------------------
         if log_now:
-            record = {"epoch": round(step / sampler.steps_per_epoch, 4), "learning_rate": learning_rate,
-                      "grad_norm": round(grad_norm, 6), **projection_record(stats, projector)}
-            if refresh_seconds is not None:
-                record["refresh_s"] = round(refresh_seconds, 3)
-            if args.include_num_input_tokens_seen:
-                total = accelerator.reduce(tokens_seen.to(device), "sum") if world > 1 else tokens_seen
-                record["num_input_tokens_seen"] = int(total.item())
-            metrics.flush(step, record)
-        if (args.save_strategy == "steps" and step % args.save_steps == 0) or \
-                (args.save_strategy == "epoch" and step % sampler.steps_per_epoch == 0):
+            metrics.flush(step, step_record(args, accelerator, step, sampler.steps_per_epoch, learning_rate, grad_norm,
+                                            stats, projector, refresh_seconds, tokens_seen))
+        if is_save_step(args, step, sampler.steps_per_epoch):
             save_checkpoint(args, accelerator, model, tokenizer, backend, scheduler, projector, step,
                             {"tokens_seen": tokens_seen})
 
-    # ---- final model, plots, summary ----------------------------------------------------------------------------
-    metrics.close()
-    save_final_model(args, accelerator, model, tokenizer)
-    if accelerator.is_main_process:
-        if args.plot_loss:
-            log(f"loss curve: {plot_curves(args.output_dir, ('loss', 'removed_fraction'))}")
-        records = [json.loads(line) for line in Path(args.output_dir, "trainer_log.jsonl").read_text().splitlines()]
-        write_json(Path(args.output_dir, "train_results.json"),
-                   {"global_step": step, "train_loss": records[-1]["loss"] if records else None,
-                    "train_runtime_s": records[-1]["elapsed_s"] if records else None})
-    accelerator.end_training()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    finish_run(args, accelerator, model, tokenizer, metrics, step, ("loss", "removed_fraction"))
 
 
 if __name__ == "__main__":

@@ -598,12 +598,43 @@ class MetricLog:
         self.bar.close()
 
 
-def projection_record(stats, projector):
-    if stats is None:
-        return {}
-    record = {k: round(v, 6) for k, v in asdict(stats).items()}
-    record["basis_rank"] = int(projector.rank_per_unit.max())
+def step_record(args, accelerator, step, steps_per_epoch, learning_rate, grad_norm, stats, projector,
+                refresh_seconds, tokens_seen):
+    """The scalars logged with an interval's metrics: schedule, gradient norms, projection diagnostics."""
+    record = {"epoch": round(step / steps_per_epoch, 4), "learning_rate": learning_rate,
+              "grad_norm": round(grad_norm, 6)}
+    if stats is not None:  # grad_norm becomes the norm before projection; clipping saw grad_norm_projected
+        record.update({k: round(v, 6) for k, v in asdict(stats).items()})
+        record["basis_rank"] = int(projector.rank_per_unit.max())
+    if refresh_seconds is not None:
+        record["refresh_s"] = round(refresh_seconds, 3)
+    if args.include_num_input_tokens_seen:
+        total = accelerator.reduce(tokens_seen.to(accelerator.device), "sum") if accelerator.num_processes > 1 \
+            else tokens_seen
+        record["num_input_tokens_seen"] = int(total.item())
     return record
+
+
+def is_save_step(args, step, steps_per_epoch):
+    return (args.save_strategy == "steps" and step % args.save_steps == 0) or \
+        (args.save_strategy == "epoch" and step % steps_per_epoch == 0)
+
+
+def finish_run(args, accelerator, model, tokenizer, metrics, step, plot_keys, summary_keys=()):
+    """Save the final model, plot, write train_results.json, close trackers and the process group."""
+    metrics.close()
+    save_final_model(args, accelerator, model, tokenizer)
+    if accelerator.is_main_process:
+        if args.plot_loss:
+            accelerator.print(f"loss curve: {plot_curves(args.output_dir, plot_keys)}")
+        records = [json.loads(line) for line in Path(args.output_dir, "trainer_log.jsonl").read_text().splitlines()]
+        summary = {"global_step": step, "train_loss": records[-1]["loss"], "train_runtime_s": records[-1]["elapsed_s"]}
+        for key in summary_keys:
+            summary[f"first_{key}"], summary[f"last_{key}"] = records[0].get(key), records[-1].get(key)
+        write_json(Path(args.output_dir, "train_results.json"), summary)
+    accelerator.end_training()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def plot_curves(output_dir, keys=("loss",)):

@@ -1,0 +1,265 @@
+"""Safety DPO with Orthogonal Gradient Projection (OGPSA).
+
+Same loop as train_sft_pg.py with a preference loss: every optimizer step runs the policy (and the frozen
+reference model, unless its log-probabilities were precomputed) on chosen and rejected responses, projects the
+reduced gradient out of the span of the reference (general-capability) gradients, clips and steps.
+
+Tiny CPU run (SFT first, then DPO from the SFT output; see README for the whole demo):
+    python train_dpo_pg.py --model_name_or_path outputs/demo-sft --dataset_dir data --dataset demo_safety_dpo \
+        --base_dataset demo_general_dpo --base_num_samples 200 --base_num_steps 5 --pref_beta 0.2 \
+        --per_device_train_batch_size 8 --gradient_accumulation_steps 2 --learning_rate 5e-4 \
+        --num_train_epochs 1 --logging_steps 2 --output_dir outputs/demo-dpo --plot_loss True
+
+One GPU:                 accelerate launch --config_file accelerate_configs/single_gpu.yaml train_dpo_pg.py ...
+Several GPUs (DDP):      accelerate launch --config_file accelerate_configs/multi_gpu.yaml train_dpo_pg.py ...
+DeepSpeed ZeRO-1/2/3:    accelerate launch --config_file accelerate_configs/deepspeed_zero2.yaml train_dpo_pg.py ...
+Two CPU processes:       torchrun --nproc_per_node 2 train_dpo_pg.py ...
+"""
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate.utils import set_seed
+
+from data_utils import DataError, StepSampler, collate_pairs, collate_sft, load_tokenized
+from train_utils import (MetricLog, ReferenceSet, build_optimizer, build_parser, build_scheduler, check_args,
+                         finish_run, flag, is_save_step, load_checkpoint, load_model, load_tokenizer, make_accelerator,
+                         make_backend, make_projector, refresh_basis, response_nll_sum, save_checkpoint, step_record,
+                         to_device, token_logps, total_optimizer_steps, write_json)
+
+LOSSES = ("sigmoid", "ipo", "hinge")
+
+
+def preference_loss(chosen_logratios, rejected_logratios, loss_type, beta, label_smoothing=0.0):
+    """Per-pair preference loss.
+
+    With h = (log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x)):
+        sigmoid (DPO, Rafailov et al. 2023), label smoothing e (conservative DPO):
+            L = -(1 - e) log sigmoid(beta h) - e log sigmoid(-beta h)
+        ipo (Azar et al. 2023), h from length-averaged log-probabilities:
+            L = (h - 1 / (2 beta))^2
+        hinge (SLiC, Zhao et al. 2023):
+            L = max(0, 1 - beta h)
+
+    Args:
+        chosen_logratios, rejected_logratios: (B,) log pi - log pi_ref of the chosen / rejected responses.
+    Returns:
+        (B,) losses.
+    """
+    h = chosen_logratios - rejected_logratios
+    if loss_type == "sigmoid":
+        return -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    if loss_type == "ipo":
+        return (h - 1 / (2 * beta)) ** 2
+    if loss_type == "hinge":
+        return torch.relu(1 - beta * h)
+    raise ValueError(f"unknown --pref_loss {loss_type!r}, expected one of {LOSSES}")
+
+
+def pair_logps(model, batch, average):
+    """Response log-probabilities of a collate_pairs batch: (chosen (B,), rejected (B,), chosen mean-token (B,)).
+
+    Sums over response tokens, or means when `average` (IPO). Prompt tokens never count: their labels are ignored.
+    """
+    logps = token_logps(model, batch)
+    counts = (batch["labels"][:, 1:] != -100).sum(-1)
+    sums = logps.sum(-1)
+    values = sums / counts if average else sums
+    chosen, rejected = values.chunk(2)
+    return chosen, rejected, sums.chunk(2)[0] / counts.chunk(2)[0]
+
+
+@torch.no_grad()
+def reference_logps(ref_model, examples, pad, batch_size, average, device, accelerator):
+    """Reference log-probabilities (chosen, rejected) of every example, computed once: (N, 2) on every rank.
+
+    Ranks take every world_size-th example; an all-reduce of the zero-filled table assembles it.
+    """
+    world, rank = accelerator.num_processes, accelerator.process_index
+    table = torch.zeros(len(examples), 2, dtype=torch.float32, device=device)
+    mine = list(range(rank, len(examples), world))
+    for start in range(0, len(mine), batch_size):
+        indices = mine[start:start + batch_size]
+        chosen, rejected, _ = pair_logps(ref_model, to_device(collate_pairs([examples[i] for i in indices], pad),
+                                                              device), average)
+        table[indices] = torch.stack([chosen, rejected], -1).float()
+    if world > 1:
+        table = accelerator.reduce(table, "sum")
+    return table
+
+
+def add_dpo_flags(parser):
+    g = parser.add_argument_group("preference optimisation")
+    flag(g, "--pref_beta", float, default=0.1, help="beta: strength of the KL regularisation towards the reference")
+    flag(g, "--pref_loss", default="sigmoid", choices=list(LOSSES), help="sigmoid (DPO), ipo or hinge")
+    flag(g, "--dpo_label_smoothing", float, default=0.0, help="sigmoid loss: label smoothing (conservative DPO)")
+    flag(g, "--pref_ftx", float, default=0.0, help="weight of an added SFT loss (mean-token NLL of the chosen)")
+    flag(g, "--ref_model", default=None, help="reference model (default: a frozen copy of the initial policy)")
+    flag(g, "--precompute_ref_log_probs", bool, default=False,
+         help="compute reference log-probabilities once before training, so no reference model is held")
+    flag(g, "--base_loss", default="pairs_nll", choices=["pairs_nll", "sft", "dpo"],
+         help="OGPSA reference gradient: pairs_nll = NLL of chosen and rejected responses (the reference "
+              "implementation's, the default), sft = NLL of the chosen ones (or of an SFT reference set), "
+              "dpo = the preference loss on the reference pairs")
+    return parser
+
+
+def main():
+    parser = add_dpo_flags(build_parser(__doc__, "dpo_pg", default_lr=1e-6))
+    args = check_args(parser.parse_args(), "dpo_pg")
+    if args.dpo_label_smoothing and args.pref_loss != "sigmoid":
+        raise SystemExit("--dpo_label_smoothing applies to --pref_loss sigmoid only")
+    accelerator = make_accelerator(args)
+    set_seed(args.seed)
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    log, device = accelerator.print, accelerator.device
+    world, rank = accelerator.num_processes, accelerator.process_index
+    average = args.pref_loss == "ipo"
+
+    # ---- data -------------------------------------------------------------------------------------------------
+    weights_from = args.resume_from_checkpoint or args.model_name_or_path
+    tokenizer = load_tokenizer(weights_from, args)
+    pad = tokenizer.pad_token_id
+    with accelerator.main_process_first():
+        examples = load_tokenized(args.dataset, args, tokenizer, ranking=True, log=log)
+        reference_pairs = {}  # name -> pair examples whose reference log-probs the dpo base loss needs
+        reference_sets = []
+        for name in (args.base_dataset.split(",") if args.base_method != "none" else []):
+            try:
+                ref = load_tokenized(name, args, tokenizer, ranking=True, log=log)
+            except DataError as err:
+                if "is not preference pairs" not in str(err):
+                    raise
+                if args.base_loss != "sft":
+                    raise DataError(f"{err}: --base_loss {args.base_loss} needs preference pairs; pass "
+                                    "--base_loss sft to take the gradient of an SFT reference set") from None
+                ref = load_tokenized(name, args, tokenizer, ranking=False, log=log)
+                reference_sets.append(ReferenceSet(name, ref, lambda b: collate_sft(b, pad), response_nll_sum,
+                                                   lambda e: e["num_targets"]))
+                continue
+            if len(ref) < args.base_num_samples:
+                log(f"reference set {name} has {len(ref)} pairs (< --base_num_samples {args.base_num_samples}): "
+                    "using all of them")
+            if args.base_loss == "sft":
+                reference_sets.append(ReferenceSet(name, ref, lambda b: collate_sft(
+                    [{"input_ids": e["chosen_input_ids"], "labels": e["chosen_labels"]} for e in b], pad),
+                    response_nll_sum, lambda e: e["num_targets"]))
+            elif args.base_loss == "pairs_nll":
+                reference_sets.append(ReferenceSet(name, ref, lambda b: collate_pairs(b, pad), response_nll_sum,
+                                                   lambda e: e["num_targets"] + e["num_targets_rejected"]))
+            else:
+                reference_pairs[name] = ref
+
+    # ---- policy, reference model, optimizer, schedule, projection ---------------------------------------------
+    model = load_model(weights_from, args)
+    optimizer = build_optimizer(model, args)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    backend = make_backend(accelerator, model, optimizer)
+    sampler = StepSampler(len(examples), args.per_device_train_batch_size, world, rank,
+                          args.gradient_accumulation_steps, args.seed)
+    total_steps = total_optimizer_steps(args, sampler.steps_per_epoch)
+    scheduler = build_scheduler(optimizer, args, total_steps)
+    projector = make_projector(args, backend)
+    step, extra = 0, None
+    if args.resume_from_checkpoint:
+        step, extra = load_checkpoint(args.resume_from_checkpoint, args, accelerator, backend, scheduler, projector,
+                                      sampler.global_batch)
+        log(f"resumed from {args.resume_from_checkpoint} at step {step}")
+    ref_model, ref_table = None, {}
+    if extra is not None and "ref_logps" in extra:  # precomputed before the interruption: nothing to reload
+        ref_table = {name: extra[f"ref_logps/{name}"] for name in ["train", *reference_pairs]}
+    else:
+        ref_model = load_model(args.ref_model or args.model_name_or_path, args)
+        ref_model = accelerator.prepare_model(ref_model.requires_grad_(False).eval(), evaluation_mode=True)
+        if args.precompute_ref_log_probs:
+            for name, pairs in [("train", examples), *reference_pairs.items()]:
+                ref_table[name] = reference_logps(ref_model, pairs, pad, args.per_device_train_batch_size, average,
+                                                  device, accelerator)
+            ref_model = None  # not held during training
+            log("precomputed reference log-probabilities; the reference model is released")
+
+    def reference_for(name, pairs, indices, batch):
+        """Reference (chosen, rejected) log-probs: from the precomputed table, or the reference model."""
+        if name in ref_table:
+            values = ref_table[name][torch.tensor(indices, device=ref_table[name].device)].to(device)
+            return values[:, 0], values[:, 1]
+        with torch.no_grad():
+            chosen, rejected, _ = pair_logps(ref_model, batch, average)
+        return chosen, rejected
+
+    for name, pairs in reference_pairs.items():  # --base_loss dpo: the preference loss on reference pairs
+        def dpo_sum(model_, batch, name=name, pairs=pairs):
+            chosen, rejected, _ = pair_logps(model_, batch, average)
+            ref_chosen, ref_rejected = reference_for(name, pairs, batch["indices"].tolist(), batch)
+            return preference_loss(chosen - ref_chosen, rejected - ref_rejected, args.pref_loss, args.pref_beta,
+                                   args.dpo_label_smoothing).sum()
+
+        indexed = [{**e, "index": i} for i, e in enumerate(pairs)]
+        reference_sets.append(ReferenceSet(name, indexed, lambda b: {**collate_pairs(b, pad), "indices": torch.tensor(
+            [e["index"] for e in b])}, dpo_sum, lambda e: 1))
+    if accelerator.is_main_process:
+        write_json(Path(args.output_dir, "training_args.json"), vars(args))
+    log(f"{len(examples)} pairs, {sampler.steps_per_epoch} steps per epoch, {total_steps} steps, global batch "
+        f"{sampler.global_batch} = {args.per_device_train_batch_size} per device x {world} processes x "
+        f"{args.gradient_accumulation_steps} accumulation; {args.pref_loss} loss, beta {args.pref_beta}; OGPSA: "
+        + (f"{args.base_method}, {args.base_scope}, base loss {args.base_loss}, {len(reference_sets)} sets x "
+           f"{args.base_directions} directions" if projector else "off"))
+
+    metrics = MetricLog(accelerator, args, total_steps, step)
+    tokens_seen = torch.tensor(extra["tokens_seen"] if extra else 0, dtype=torch.float64)
+    refresh_seconds = None
+    model.train()
+    while step < total_steps:
+        # ---- refresh the reference basis --------------------------------------------------------------------
+        if projector is not None and step % args.base_num_steps == 0 and projector.refreshed_at != step:
+            refresh_seconds = refresh_basis(projector, backend, model, reference_sets, args, step, device)
+
+        # ---- forward and backward: the loss is the mean over the pairs of the global batch --------------------
+        micro_batches = sampler.micro_batches(step)
+        for m, indices in enumerate(micro_batches):
+            batch = to_device(collate_pairs([examples[i] for i in indices], pad), device)
+            with backend.micro_batch(sync=m == len(micro_batches) - 1):
+                chosen, rejected, chosen_mean = pair_logps(model, batch, average)
+                ref_chosen, ref_rejected = reference_for("train", examples, indices, batch)
+                losses = preference_loss(chosen - ref_chosen, rejected - ref_rejected, args.pref_loss,
+                                         args.pref_beta, args.dpo_label_smoothing)
+                if args.pref_ftx:
+                    losses = losses - args.pref_ftx * chosen_mean
+                backend.backward(losses.sum() * (world / sampler.global_batch))
+            chosen_rewards = args.pref_beta * (chosen - ref_chosen).detach()
+            rejected_rewards = args.pref_beta * (rejected - ref_rejected).detach()
+            for key, value in [("loss", losses), ("rewards/chosen", chosen_rewards),
+                               ("rewards/rejected", rejected_rewards),
+                               ("rewards/accuracies", (chosen_rewards > rejected_rewards).float()),
+                               ("rewards/margins", chosen_rewards - rejected_rewards), ("logps/chosen", chosen),
+                               ("logps/rejected", rejected)]:
+                metrics.add(key, value.detach().sum(), len(indices))
+            tokens_seen += batch["attention_mask"].sum().item()
+
+        # ---- project, clip, step ------------------------------------------------------------------------------
+        log_now = (step + 1) % args.logging_steps == 0 or step + 1 == total_steps
+        stats = projector.project_(diagnostics=log_now) if projector is not None else None
+        learning_rate = scheduler.get_last_lr()[0]
+        grad_norm = backend.clip_and_step(args.max_grad_norm)
+        scheduler.step()
+        step += 1
+        metrics.bar.update(1)
+
+        # ---- log and save -------------------------------------------------------------------------------------
+        if log_now:
+            metrics.flush(step, step_record(args, accelerator, step, sampler.steps_per_epoch, learning_rate, grad_norm,
+                                            stats, projector, refresh_seconds, tokens_seen))
+        if is_save_step(args, step, sampler.steps_per_epoch):
+            state = {"tokens_seen": tokens_seen}
+            if ref_table and ref_model is None:
+                state["ref_logps"] = True
+                state.update({f"ref_logps/{name}": table for name, table in ref_table.items()})
+            save_checkpoint(args, accelerator, model, tokenizer, backend, scheduler, projector, step, state)
+
+    finish_run(args, accelerator, model, tokenizer, metrics, step, ("loss", "rewards/accuracies", "removed_fraction"),
+               summary_keys=("rewards/accuracies",))
+
+
+if __name__ == "__main__":
+    main()
