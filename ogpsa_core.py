@@ -54,20 +54,17 @@ class Segment:
 class GradSlice:
     """The gradient entries this rank owns, as flat 1-D views that the projection edits in place.
 
-    Subclasses set `num_params`, `segments` (sorted, covering the concatenation of `pieces()` exactly) and
-    `piece_bounds` ((start, length) of every piece in that concatenation), and implement `pieces()`.
+    Subclasses set `num_params` and `segments` (sorted by start; together the layout of this rank's "local
+    coordinates", fixed for the run) and implement `pieces()`: (start, view) pairs whose views cover every
+    segment. Entries of a view outside all segments are padding: zero in gradients and directions alike.
     `sharded` says whether ranks own disjoint slices (ZeRO: partial sums must be all-reduced) or identical copies
     (single process, DDP: nothing to reduce).
     """
 
     num_params: int
     segments: list
-    piece_bounds: list
+    numel: int  # size of the local coordinate space (segments plus padding)
     sharded: bool = False
-
-    @property
-    def numel(self):
-        return sum(length for _, length in self.piece_bounds)
 
     def pieces(self):
         raise NotImplementedError
@@ -99,7 +96,7 @@ class ReplicatedGradSlice(GradSlice):
             param.grad = self.flat[start:start + param.numel()].view_as(param)
             self.segments.append(Segment(index, start, param.numel()))
             start += param.numel()
-        self.piece_bounds = [(0, start)]
+        self.numel = start
         self._params = params
         self._grad_ptrs = [p.grad.data_ptr() for p in params]
 
@@ -107,10 +104,87 @@ class ReplicatedGradSlice(GradSlice):
         if any(p.grad is None or p.grad.data_ptr() != ptr for p, ptr in zip(self._params, self._grad_ptrs)):
             raise RuntimeError("a parameter's .grad no longer views the flat gradient buffer; "
                                "call optimizer.zero_grad(set_to_none=False) when OGPSA is on")
-        return [self.flat]
+        return [(0, self.flat)]
 
     def zero_(self):
         self.flat.zero_()
+
+
+class ZeroGradSlice(GradSlice):
+    """DeepSpeed ZeRO-1/2: this rank's reduced partition of each parameter group.
+
+    DeepSpeed exposes the partition as one fragment view per parameter (`_hp_mapping.get_lp_grad_fragment`), valid
+    from the last backward of a step until `engine.step()`, which takes both the clip norm and the update from
+    them; so in-place edits in between are exactly "project, then clip, then step". The views are fetched anew
+    on every call and fragments adjacent in memory are merged into one view, so the projection runs over a few
+    long pieces. A parameter split between two ranks contributes a fragment to each (`param_start`).
+    """
+
+    sharded = True
+
+    def __init__(self, zero_optimizer, params):
+        index = {id(p): i for i, p in enumerate(params)}
+        self.num_params = len(params)
+        self.segments, self._owned, start = [], [], 0
+        for group in zero_optimizer.bit16_groups:
+            for param in group:
+                mapping = getattr(param, "_hp_mapping", None)
+                if mapping is None or mapping.lp_fragment_address.numel == 0:
+                    continue  # no fragment of this parameter in this rank's partition
+                address = mapping.lp_fragment_address
+                self.segments.append(Segment(index[id(param)], start, address.numel, address.start))
+                self._owned.append(param)
+                start += address.numel
+        self.numel = start
+
+    def pieces(self):
+        views = [p._hp_mapping.get_lp_grad_fragment(p._index_in_param_group).view(-1) for p in self._owned]
+        return merge_adjacent_views(views, [s.start for s in self.segments])
+
+
+class Zero3GradSlice(GradSlice):
+    """DeepSpeed ZeRO-3: one contiguous buffer holds this rank's partition of every parameter's gradient.
+
+    Partition r of a parameter covers its flattened entries [r x n, (r + 1) x n), n = `partition_numel()`; the
+    last rank's share ends in padding, which stays zero. `engine.step()` reads the clip norm and the update from
+    this buffer, so projecting it in place before the step is exact.
+    """
+
+    sharded = True
+
+    def __init__(self, zero_optimizer, params):
+        index = {id(p): i for i, p in enumerate(params)}
+        rank = dist.get_rank(group=zero_optimizer.dp_process_group)
+        self.num_params = len(params)
+        self._optimizer = zero_optimizer
+        self.segments, start = [], 0
+        for group in zero_optimizer.fp16_groups:
+            for param in group:
+                size = param.partition_numel()
+                owned = min(size, max(0, param.ds_numel - rank * size))
+                if owned:
+                    self.segments.append(Segment(index[id(param)], start, owned, rank * size))
+                start += size
+        self.numel = start
+
+    def pieces(self):
+        return [(0, self._optimizer.grad_partitions_flat_buffer)]
+
+
+def merge_adjacent_views(views, starts):
+    """(start, view) pairs, merging consecutive 1-D views that are also consecutive in one storage."""
+    merged = []
+    for start, view in zip(starts, views):
+        if merged:
+            first, run = merged[-1]
+            if (run.dtype == view.dtype and run.device == view.device and first + run.numel() == start
+                    and run.untyped_storage().data_ptr() == view.untyped_storage().data_ptr()
+                    and run.storage_offset() + run.numel() == view.storage_offset()):
+                merged[-1] = (first, run.new_empty(0).set_(run.untyped_storage(), run.storage_offset(),
+                                                          (run.numel() + view.numel(),)))
+                continue
+        merged.append((start, view))
+    return merged
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -250,43 +324,44 @@ class Projector:
         self.basis = None  # (K, n) this rank's columns of U^T
         self.rank_per_unit = None  # (units,) directions kept per unit
         self.refreshed_at = -1  # optimizer step at which the basis was computed
-        self._batches = None
+        self._batch_cache = {}
 
     # -- geometry ------------------------------------------------------------------------------------------------
     @property
     def num_units(self):
         return self.grad_slice.num_params if self.scope == "per_param" else 1
 
-    def _piece_batches(self, device):
-        """Per piece: its strided batches (per_param) relative to the piece start."""
-        if self._batches is None:
-            self._batches = []
-            for start, length in self.grad_slice.piece_bounds:
-                inside = [Segment(s.param_index, s.start - start, s.length) for s in self.grad_slice.segments
-                          if start <= s.start < start + length]
-                self._batches.append(plan_strided_batches(inside, device))
-        return self._batches
+    def _batches(self, start, length, device):
+        """Strided batches (per_param) of the segments inside the piece [start, start + length), cached."""
+        key = (start, length)
+        if key not in self._batch_cache:
+            inside = [Segment(s.param_index, s.start - start, s.length) for s in self.grad_slice.segments
+                      if start <= s.start and s.start + s.length <= start + length]
+            self._batch_cache[key] = plan_strided_batches(inside, device)
+        return self._batch_cache[key]
 
-    def _basis_pieces(self, basis=None):
+    def _pieces(self, basis=None):
+        """(basis columns, gradient view, strided batches) for every piece of this rank's slice."""
         basis = self.basis if basis is None else basis
-        return [basis[:, start:start + length] for start, length in self.grad_slice.piece_bounds]
+        return [(basis[:, start:start + view.numel()], view, self._batches(start, view.numel(), view.device))
+                for start, view in self.grad_slice.pieces()]
 
-    def _coefficients(self, basis_pieces, grad_pieces):
+    def _coefficients(self, pieces):
         """Per-unit inner products U_unit^T g, summed over ranks: (units, K) float32."""
-        k = basis_pieces[0].shape[0]
-        coeff = torch.zeros(self.num_units, k, dtype=torch.float32, device=grad_pieces[0].device)
-        for u, g, batches in zip(basis_pieces, grad_pieces, self._piece_batches(grad_pieces[0].device)):
+        k = pieces[0][0].shape[0]
+        coeff = torch.zeros(self.num_units, k, dtype=torch.float32, device=pieces[0][1].device)
+        for u, g, batches in pieces:
             if self.scope == "global":
                 coeff[0] += _matvec(u, g)
             else:
                 for b in batches:
                     partial = torch.bmm(b.view(g), _cast(b.view(u, k), g.dtype).transpose(1, 2))
-                    coeff.index_add_(0, b.param_index, partial.squeeze(1))
+                    coeff.index_add_(0, b.param_index, partial.squeeze(1).float())
         return self.grad_slice.reduce_(coeff)
 
-    def _unit_sq_norms(self, grad_pieces):
-        sq = torch.zeros(self.num_units, dtype=torch.float32, device=grad_pieces[0].device)
-        for g, batches in zip(grad_pieces, self._piece_batches(grad_pieces[0].device)):
+    def _unit_sq_norms(self, pieces):
+        sq = torch.zeros(self.num_units, dtype=torch.float32, device=pieces[0][1].device)
+        for _, g, batches in pieces:
             if self.scope == "global":
                 sq[0] += g.float().square().sum()
             else:
@@ -303,17 +378,17 @@ class Projector:
         Cost without diagnostics: two passes over the basis and the gradient (coefficients, then subtraction)
         and one all-reduce of the coefficient table when the slice is sharded. Diagnostics add two passes.
         """
-        grad_pieces = self.grad_slice.pieces()
-        basis_pieces = self._basis_pieces()
-        sq_before = self._unit_sq_norms(grad_pieces) if diagnostics else None
-        coeff = self._coefficients(basis_pieces, grad_pieces)
+        pieces = self._pieces()
+        sq_before = self._unit_sq_norms(pieces) if diagnostics else None
+        coeff = self._coefficients(pieces)
         if self.method == "threshold":
             conflicts = coeff < 0
-            unit_scale = torch.where(conflicts.any(-1), 1.0, self.scale).to(coeff.dtype)
+            has_basis = (self.rank_per_unit > 0).to(coeff.device)
+            unit_scale = torch.where(conflicts.any(-1) | ~has_basis, 1.0, self.scale).to(coeff.dtype)
             coeff = coeff * conflicts
             if self.scale != 1.0:
-                self._scale_units_(grad_pieces, unit_scale)
-        for u, g, batches in zip(basis_pieces, grad_pieces, self._piece_batches(grad_pieces[0].device)):
+                self._scale_units_(pieces, unit_scale)
+        for u, g, batches in pieces:
             if self.scope == "global":
                 _sub_matvec_t_(g, u, coeff[0])
             else:
@@ -323,8 +398,8 @@ class Projector:
                                        alpha=-1)
         if not diagnostics:
             return None
-        sq_after = self._unit_sq_norms(grad_pieces)
-        coeff_after = self._coefficients(basis_pieces, grad_pieces)
+        sq_after = self._unit_sq_norms(pieces)
+        coeff_after = self._coefficients(pieces)
         # A unit whose gradient lay entirely in its span keeps only rounding noise, whose angle means nothing.
         unit_norm = sq_after.sqrt().unsqueeze(-1)
         defined = unit_norm > 1e-4 * sq_before.sqrt().unsqueeze(-1)
@@ -333,8 +408,8 @@ class Projector:
         return ProjectionStats(before, after, 1.0 - after / before if before > 0 else 0.0,
                                cos.max().item() if cos.numel() else 0.0)
 
-    def _scale_units_(self, grad_pieces, unit_scale):
-        for g, batches in zip(grad_pieces, self._piece_batches(grad_pieces[0].device)):
+    def _scale_units_(self, pieces, unit_scale):
+        for _, g, batches in pieces:
             if self.scope == "global":
                 g.mul_(unit_scale[0])
             else:
@@ -364,9 +439,9 @@ class Projector:
         self.refreshed_at = step
 
     def _unit_ranges(self):
-        """(unit, start, length) runs of the local slice: one per segment (per_param) or one per piece."""
+        """(unit, start, length) runs of the local slice: one per segment (per_param), or all of it (global)."""
         if self.scope == "global":
-            return [(0, start, length) for start, length in self.grad_slice.piece_bounds]
+            return [(0, 0, self.grad_slice.numel)]
         return [(s.param_index, s.start, s.length) for s in self.grad_slice.segments]
 
     def _gram(self, directions):
@@ -398,7 +473,7 @@ class Projector:
             raise ValueError(f"the saved OGPSA basis covers {basis.shape[1]} gradient entries on this rank, but this "
                              f"rank owns {self.grad_slice.numel}: resume with the same model, backend and number "
                              "of processes")
-        self.basis = basis.to(device=self.grad_slice.pieces()[0].device, dtype=self.dtype)
+        self.basis = basis.to(device=self.grad_slice.pieces()[0][1].device, dtype=self.dtype)
         self.rank_per_unit = state["rank_per_unit"]
         self.refreshed_at = int(state["refreshed_at"])
 
@@ -458,6 +533,7 @@ def rank_micro_batches(indices, rank, world_size, batch_size):
 
 @torch.no_grad()
 def read_gradient_(grad_slice, out):
-    """Copy this rank's gradient slice into `out` (an (n,) view)."""
-    for piece, (start, length) in zip(grad_slice.pieces(), grad_slice.piece_bounds):
-        out[start:start + length].copy_(piece)
+    """Copy this rank's gradient slice into `out` (an (n,) tensor in local coordinates; padding stays zero)."""
+    out.zero_()
+    for start, view in grad_slice.pieces():
+        out[start:start + view.numel()].copy_(view)

@@ -25,8 +25,8 @@ from accelerate.utils import set_seed
 from data_utils import DataError, StepSampler, collate_pairs, collate_sft, load_tokenized
 from train_utils import (MetricLog, ReferenceSet, build_optimizer, build_parser, build_scheduler, check_args,
                          finish_run, flag, is_save_step, load_checkpoint, load_model, load_tokenizer, make_accelerator,
-                         make_backend, make_projector, refresh_basis, response_nll_sum, save_checkpoint, step_record,
-                         to_device, token_logps, total_optimizer_steps, write_json)
+                         make_backend, make_projector, prepare_reference_model, refresh_basis, response_nll_sum,
+                         save_checkpoint, step_record, to_device, token_logps, total_optimizer_steps, write_json)
 
 LOSSES = ("sigmoid", "ipo", "hinge")
 
@@ -159,7 +159,7 @@ def main():
     sampler = StepSampler(len(examples), args.per_device_train_batch_size, world, rank,
                           args.gradient_accumulation_steps, args.seed)
     total_steps = total_optimizer_steps(args, sampler.steps_per_epoch)
-    scheduler = build_scheduler(optimizer, args, total_steps)
+    scheduler = build_scheduler(backend.scheduled_optimizer, args, total_steps)
     projector = make_projector(args, backend)
     step, extra = 0, None
     if args.resume_from_checkpoint:
@@ -170,8 +170,7 @@ def main():
     if extra is not None and "ref_logps" in extra:  # precomputed before the interruption: nothing to reload
         ref_table = {name: extra[f"ref_logps/{name}"] for name in ["train", *reference_pairs]}
     else:
-        ref_model = load_model(args.ref_model or args.model_name_or_path, args)
-        ref_model = accelerator.prepare_model(ref_model.requires_grad_(False).eval(), evaluation_mode=True)
+        ref_model = prepare_reference_model(accelerator, load_model(args.ref_model or args.model_name_or_path, args))
         if args.precompute_ref_log_probs:
             for name, pairs in [("train", examples), *reference_pairs.items()]:
                 ref_table[name] = reference_logps(ref_model, pairs, pad, args.per_device_train_batch_size, average,

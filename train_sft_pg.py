@@ -59,7 +59,7 @@ def main():
     sampler = StepSampler(len(examples), args.per_device_train_batch_size, world, rank,
                           args.gradient_accumulation_steps, args.seed)
     total_steps = total_optimizer_steps(args, sampler.steps_per_epoch)
-    scheduler = build_scheduler(optimizer, args, total_steps)
+    scheduler = build_scheduler(backend.scheduled_optimizer, args, total_steps)
     projector = make_projector(args, backend)
     step, extra = 0, None
     if args.resume_from_checkpoint:

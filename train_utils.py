@@ -194,20 +194,65 @@ def checkpoints(output_dir):
 
 def make_accelerator(args):
     """Accelerate with gloo on machines without a GPU, so the same launch configs work with CPU processes."""
-    from accelerate import Accelerator, InitProcessGroupKwargs
+    from accelerate import Accelerator, DeepSpeedPlugin, InitProcessGroupKwargs
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     backend = ("nccl" if torch.cuda.is_available() else "gloo") if distributed else None
     handlers = [InitProcessGroupKwargs(backend=backend, timeout=timedelta(seconds=args.ddp_timeout))]
     trackers = None if args.report_to == "none" else args.report_to.split(",")
+    plugin = None
+    if args.deepspeed:  # the reference commands' --deepspeed ds_config.json
+        if not Path(args.deepspeed).is_file():
+            raise SystemExit(f"--deepspeed {args.deepspeed}: no such file")
+        config = json.loads(Path(args.deepspeed).read_text())
+        plugin = DeepSpeedPlugin(hf_ds_config=config,
+                                 zero3_init_flag=config.get("zero_optimization", {}).get("stage") == 3)
+    use_deepspeed = plugin is not None or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     # cpu=True is what makes Accelerate start DDP over gloo without a GPU (DeepSpeed starts its own group).
-    use_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    # Under DeepSpeed the engine, not Accelerate, accumulates gradients; it must know the accumulation steps.
     accelerator = Accelerator(mixed_precision="bf16" if args.bf16 else None, log_with=trackers,
-                              project_dir=args.output_dir, kwargs_handlers=handlers,
+                              project_dir=args.output_dir, kwargs_handlers=handlers, deepspeed_plugin=plugin,
+                              gradient_accumulation_steps=args.gradient_accumulation_steps if use_deepspeed else 1,
                               cpu=not torch.cuda.is_available() and not use_deepspeed)
+    if use_deepspeed:
+        configure_deepspeed(accelerator.state.deepspeed_plugin.deepspeed_config, args, accelerator.num_processes)
     if trackers:
         accelerator.init_trackers(Path(args.output_dir).name, config=json_safe(vars(args)))
     return accelerator
+
+
+def configure_deepspeed(config, args, world_size):
+    """Fill the DeepSpeed config's "auto" values from the flags; refuse settings OGPSA cannot honour."""
+    def fill(key, value, flag_name):
+        if config.get(key, "auto") == "auto":
+            config[key] = value
+        elif config[key] != value:
+            raise SystemExit(f"DeepSpeed config sets {key}={config[key]} but {flag_name} gives {value}: make them "
+                             "agree (or set it to \"auto\")")
+
+    fill("train_micro_batch_size_per_gpu", args.per_device_train_batch_size, "--per_device_train_batch_size")
+    fill("gradient_accumulation_steps", args.gradient_accumulation_steps, "--gradient_accumulation_steps")
+    fill("train_batch_size", args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size,
+         "per-device batch x accumulation x processes")
+    # DeepSpeed clips inside engine.step(), after the projection, with the norm of the projected gradient.
+    fill("gradient_clipping", args.max_grad_norm, "--max_grad_norm")
+    zero = config.setdefault("zero_optimization", {})
+    if zero.get("stage", 0) not in (1, 2, 3):
+        raise SystemExit(f"DeepSpeed zero_optimization.stage {zero.get('stage', 0)}: use ZeRO-1/2/3, or plain DDP "
+                         "(accelerate_configs/multi_gpu.yaml) without DeepSpeed")
+    for key in ("offload_optimizer", "offload_param"):
+        if zero.get(key, {}).get("device", "none") not in ("none", None):
+            raise SystemExit(f"DeepSpeed zero_optimization.{key} is not supported with OGPSA: with offloading, "
+                             "DeepSpeed computes the clip norm during backward, before the projection could run, and "
+                             "moves the gradient partition off the device; remove the setting")
+    if config.get("fp16", {}).get("enabled") is True:
+        raise SystemExit("DeepSpeed fp16.enabled is not supported: use bf16 (--bf16 True)")
+    for key in ("optimizer", "scheduler"):
+        if key in config:
+            raise SystemExit(f"DeepSpeed config has a '{key}' section: the scripts build the optimizer and the "
+                             "schedule from their flags; remove it")
+    if zero.get("stage") == 3 and zero.get("stage3_gather_16bit_weights_on_model_save", "auto") == "auto":
+        zero["stage3_gather_16bit_weights_on_model_save"] = True  # checkpoints hold the whole model
 
 
 def json_safe(config):
@@ -270,10 +315,13 @@ class Backend:
     (sync=True on the last one, where DDP reduces), then projects `grad_slice`, then `clip_and_step(max_norm)`.
     """
 
+    sharded_optimizer = False  # the optimizer state is the same on every rank: rank 0 saves it
+
     def __init__(self, accelerator, model, optimizer):
         self.accelerator, self.model, self.optimizer = accelerator, model, optimizer
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.grad_slice = ogpsa_core.ReplicatedGradSlice(self.params)
+        self.scheduled_optimizer = optimizer
 
     def micro_batch(self, sync):
         """Context for one micro-batch's forward and backward; gradients are reduced across ranks only if sync."""
@@ -292,16 +340,105 @@ class Backend:
     def zero_grad(self):
         self.grad_slice.zero_()
 
-    # -- checkpoint: the optimizer is replicated, so rank 0 writes it --------------------------------------------
     def optimizer_state(self):
-        return self.optimizer.state_dict() if self.accelerator.is_main_process else None
+        return self.optimizer.state_dict()
 
     def load_optimizer_state(self, state):
         self.optimizer.load_state_dict(state)
 
 
+class DeepSpeedBackend(Backend):
+    """DeepSpeed ZeRO-1/2/3: the engine reduces and partitions the gradient; each rank projects its partition.
+
+    Accelerate's `backward` would also step the engine, so the engine is driven directly: boundary flag,
+    `engine.backward`, (projection), `engine.step()`, which clips with the projected partition's norm.
+    """
+
+    sharded_optimizer = True
+
+    def __init__(self, accelerator, engine, optimizer):
+        from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+        from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+        self.accelerator, self.model, self.optimizer, self.engine = accelerator, engine, optimizer, engine
+        self.zero = engine.optimizer
+        self.scheduled_optimizer = self.zero.optimizer  # the torch optimizer ZeRO steps: the schedule sets its lr
+        self.params = [p for p in engine.module.parameters() if p.requires_grad]
+        if isinstance(self.zero, DeepSpeedZeroOptimizer_Stage3):
+            self.grad_slice = ogpsa_core.Zero3GradSlice(self.zero, self.params)
+            self.masters = self.zero.fp32_partitioned_groups_flat
+        elif isinstance(self.zero, DeepSpeedZeroOptimizer):
+            self.grad_slice = ogpsa_core.ZeroGradSlice(self.zero, self.params)
+            self.masters = self.zero.single_partition_of_fp32_groups
+        else:
+            raise SystemExit(f"DeepSpeed chose {type(self.zero).__name__}, whose gradient partitions OGPSA cannot "
+                             "reach (ZeRO-1 with bf16 and float32 gradient accumulation does this): use ZeRO-2, or "
+                             "set data_types.grad_accum_dtype to bf16")
+
+    def micro_batch(self, sync):
+        self.engine.set_gradient_accumulation_boundary(sync)
+        return nullcontext()
+
+    def backward(self, loss):
+        self.engine.backward(loss, scale_wrt_gas=False)  # the loss is already normalised over the whole step
+
+    def clip_and_step(self, max_norm):
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def zero_grad(self):
+        """Forget a gradient that was read but not stepped (reference collection), as `step()` would."""
+        self.zero.zero_grad(set_to_none=True)
+        for cache in ("averaged_gradients", "all_grad_tensors"):
+            for key in getattr(self.zero, cache, {}):
+                getattr(self.zero, cache)[key] = None
+        if isinstance(self.grad_slice, ogpsa_core.Zero3GradSlice):
+            # The next backward overwrites the buffer only where a gradient arrives: clear it all.
+            self.zero.grad_partitions_flat_buffer.zero_()
+            self.zero.micro_step_id = 0
+        else:
+            self.zero.micro_step_id = -1  # as step() leaves it: the next backward starts a fresh accumulation
+
+    def optimizer_state(self):
+        """This rank's float32 master partition and the state of the optimizer that updates it."""
+        return {"masters": [m.detach() for m in self.masters], "base": self.zero.optimizer.state_dict()}
+
+    def load_optimizer_state(self, state):
+        for master, saved in zip(self.masters, state["masters"]):
+            if master.shape != saved.shape:
+                raise SystemExit("the checkpoint's ZeRO partitions do not fit this run: resume with the same "
+                                 "number of processes and the same DeepSpeed config")
+            master.data.copy_(saved)
+        self.zero.optimizer.load_state_dict(state["base"])
+
+
 def make_backend(accelerator, model, optimizer):
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return DeepSpeedBackend(accelerator, model, optimizer)
     return Backend(accelerator, model, optimizer)
+
+
+def prepare_reference_model(accelerator, model):
+    """A frozen model for DPO: like the policy under DDP; under ZeRO-3 sharded the same way (each forward
+    gathers one layer at a time, never the whole model); under ZeRO-1/2 a full copy in the training precision."""
+    from accelerate.utils import DistributedType
+
+    model.requires_grad_(False).eval()
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return accelerator.prepare_model(model, evaluation_mode=True)
+    import deepspeed
+
+    config = {k: v for k, v in accelerator.state.deepspeed_plugin.deepspeed_config.items()
+              if k in ("train_micro_batch_size_per_gpu", "train_batch_size", "gradient_accumulation_steps", "bf16",
+                       "zero_optimization")}
+    if config["zero_optimization"].get("stage") != 3:
+        config["zero_optimization"] = {"stage": 0}
+    engine = deepspeed.initialize(model=model, config=config)[0]
+    engine.eval()
+    return engine
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -465,9 +602,8 @@ def save_checkpoint(args, accelerator, model, tokenizer, backend, scheduler, pro
         accelerator.unwrap_model(model).save_pretrained(partial, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(partial)
     if not args.save_only_model:
-        optimizer_state = backend.optimizer_state()
-        if optimizer_state is not None:
-            save_state(optimizer_state, partial, "optimizer")
+        if backend.sharded_optimizer or accelerator.is_main_process:
+            save_state(backend.optimizer_state(), partial, optimizer_file(backend, accelerator.process_index))
         if accelerator.is_main_process:
             Path(partial, "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
         save_state(rng_state(), partial, f"rng_state_{accelerator.process_index}")
@@ -488,6 +624,10 @@ def save_checkpoint(args, accelerator, model, tokenizer, backend, scheduler, pro
             for old in checkpoints(output)[:-args.save_total_limit]:
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
+
+
+def optimizer_file(backend, rank):
+    return f"optimizer_{rank}" if backend.sharded_optimizer else "optimizer"
 
 
 def _fsync_tree(folder):
@@ -512,7 +652,11 @@ def load_checkpoint(folder, args, accelerator, backend, scheduler, projector, gl
         if now != then:
             raise SystemExit(f"cannot resume from {folder}: {name} was {then}, now {now}; the data order would "
                              "differ")
-    backend.load_optimizer_state(load_state(folder, "optimizer", "cpu"))
+    if backend.sharded_optimizer and trainer_state["world_size"] != accelerator.num_processes:
+        raise SystemExit(f"cannot resume from {folder}: it was saved by {trainer_state['world_size']} processes and "
+                         "ZeRO shards the optimizer state and the OGPSA basis per process; resume with "
+                         f"{trainer_state['world_size']} processes")
+    backend.load_optimizer_state(load_state(folder, optimizer_file(backend, accelerator.process_index), "cpu"))
     scheduler.load_state_dict(json.loads(Path(folder, "scheduler.json").read_text()))
     rank = accelerator.process_index
     rng_file = Path(folder, f"rng_state_{rank}.json")

@@ -10,17 +10,17 @@ class FlatSlice(ogpsa_core.GradSlice):
 
     def __init__(self, flat, lengths, num_pieces=1, first_param=0, num_params=None, sharded=False, offset=0):
         """lengths: parameter lengths inside this slice, in order; first_param: index of the first one."""
-        self.flat, self.sharded = flat, sharded
+        self.flat, self.sharded, self.numel = flat, sharded, flat.numel()
         self.num_params = num_params if num_params is not None else first_param + len(lengths)
         self.segments, start = [], 0
         for i, length in enumerate(lengths):
             self.segments.append(ogpsa_core.Segment(first_param + i, start, length))
             start += length
         cuts = sorted({0, flat.numel()} | {s.start for s in self.segments[::max(1, len(lengths) // num_pieces)]})
-        self.piece_bounds = [(a, b - a) for a, b in zip(cuts, cuts[1:])]
+        self.bounds = list(zip(cuts, cuts[1:]))
 
     def pieces(self):
-        return [self.flat[a:a + n] for a, n in self.piece_bounds]
+        return [(a, self.flat[a:b]) for a, b in self.bounds]
 
 
 def reference_projection(grad, directions, lengths, scope, method="orthogonal_projection", scale=1.0,

@@ -27,8 +27,8 @@ class CapturingProjector:
 
 
 def global_positions(grad_slice, params):
-    offsets = torch.tensor([0] + [p.numel() for p in params]).cumsum(0)
-    positions = torch.empty(grad_slice.numel, dtype=torch.int64)
+    offsets = torch.tensor([0] + [getattr(p, "ds_numel", p.numel()) for p in params]).cumsum(0)  # ZeRO-3: numel 0
+    positions = torch.full((grad_slice.numel,), -1, dtype=torch.int64)  # -1: padding
     for seg in grad_slice.segments:
         first = offsets[seg.param_index] + seg.param_start
         positions[seg.start:seg.start + seg.length] = torch.arange(first, first + seg.length)
@@ -70,8 +70,11 @@ def main():
     rng = torch.get_rng_state()
     projector = CapturingProjector()
     refresh_basis(projector, backend, model, sets, args, 0, device)
-    leftover = torch.empty(backend.grad_slice.numel)
-    read_gradient_(backend.grad_slice, leftover)
+    leftover = torch.zeros(backend.grad_slice.numel)
+    try:
+        read_gradient_(backend.grad_slice, leftover)
+    except ValueError as err:  # ZeRO-1/2 after the reset: no gradient is held at all
+        assert "only available immediately after backward" in str(err)
     after = training_gradient()
     save_file({"directions": projector.directions.cpu(), "grad_before": before, "grad_after": after,
                "positions": global_positions(backend.grad_slice, backend.params),
