@@ -64,6 +64,7 @@ class GradSlice:
     num_params: int
     segments: list
     numel: int  # size of the local coordinate space (segments plus padding)
+    device: torch.device
     sharded: bool = False
 
     def pieces(self):
@@ -96,7 +97,7 @@ class ReplicatedGradSlice(GradSlice):
             param.grad = self.flat[start:start + param.numel()].view_as(param)
             self.segments.append(Segment(index, start, param.numel()))
             start += param.numel()
-        self.numel = start
+        self.numel, self.device = start, self.flat.device
         self._params = params
         self._grad_ptrs = [p.grad.data_ptr() for p in params]
 
@@ -135,7 +136,7 @@ class ZeroGradSlice(GradSlice):
                 self.segments.append(Segment(index[id(param)], start, address.numel, address.start))
                 self._owned.append(param)
                 start += address.numel
-        self.numel = start
+        self.numel, self.device = start, zero_optimizer.single_partition_of_fp32_groups[0].device
 
     def pieces(self):
         views = [p._hp_mapping.get_lp_grad_fragment(p._index_in_param_group).view(-1) for p in self._owned]
@@ -165,7 +166,7 @@ class Zero3GradSlice(GradSlice):
                 if owned:
                     self.segments.append(Segment(index[id(param)], start, owned, rank * size))
                 start += size
-        self.numel = start
+        self.numel, self.device = start, zero_optimizer.grad_partitions_flat_buffer.device
 
     def pieces(self):
         return [(0, self._optimizer.grad_partitions_flat_buffer)]
@@ -473,7 +474,7 @@ class Projector:
             raise ValueError(f"the saved OGPSA basis covers {basis.shape[1]} gradient entries on this rank, but this "
                              f"rank owns {self.grad_slice.numel}: resume with the same model, backend and number "
                              "of processes")
-        self.basis = basis.to(device=self.grad_slice.pieces()[0][1].device, dtype=self.dtype)
+        self.basis = basis.to(device=self.grad_slice.device, dtype=self.dtype)
         self.rank_per_unit = state["rank_per_unit"]
         self.refreshed_at = int(state["refreshed_at"])
 

@@ -10,7 +10,7 @@ import os
 import random
 import shutil
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
@@ -402,7 +402,8 @@ class DeepSpeedBackend(Backend):
 
     def optimizer_state(self):
         """This rank's float32 master partition and the state of the optimizer that updates it."""
-        return {"masters": [m.detach() for m in self.masters], "base": self.zero.optimizer.state_dict()}
+        with self._base_optimizer_params():
+            return {"masters": [m.detach() for m in self.masters], "base": self.zero.optimizer.state_dict()}
 
     def load_optimizer_state(self, state):
         for master, saved in zip(self.masters, state["masters"]):
@@ -410,7 +411,20 @@ class DeepSpeedBackend(Backend):
                 raise SystemExit("the checkpoint's ZeRO partitions do not fit this run: resume with the same "
                                  "number of processes and the same DeepSpeed config")
             master.data.copy_(saved)
-        self.zero.optimizer.load_state_dict(state["base"])
+        with self._base_optimizer_params():
+            self.zero.optimizer.load_state_dict(state["base"])
+
+    @contextmanager
+    def _base_optimizer_params(self):
+        """ZeRO-3 hands its float32 partitions to the torch optimizer only while stepping; do as its checkpoints do."""
+        stage3 = isinstance(self.grad_slice, ogpsa_core.Zero3GradSlice)
+        if stage3:
+            self.zero._set_fp32_optimizer_param_groups()
+        try:
+            yield
+        finally:
+            if stage3:
+                self.zero._clear_fp32_optimizer_param_groups()
 
 
 def make_backend(accelerator, model, optimizer):
@@ -499,7 +513,8 @@ def refresh_basis(projector, backend, model, reference_sets, args, step, device)
     world, rank = accelerator.num_processes, accelerator.process_index
     plans = [(ref, chunk) for ref in reference_sets
              for chunk in ogpsa_core.reference_chunks(len(ref.examples), args.base_num_samples, args.base_directions)]
-    directions = torch.empty(len(plans), backend.grad_slice.numel, dtype=torch.float32, device=device)
+    directions = torch.empty(len(plans), backend.grad_slice.numel, dtype=torch.float32,
+                             device=backend.grad_slice.device)
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         for k, (ref, chunk) in enumerate(plans):

@@ -10,7 +10,7 @@ class FlatSlice(ogpsa_core.GradSlice):
 
     def __init__(self, flat, lengths, num_pieces=1, first_param=0, num_params=None, sharded=False, offset=0):
         """lengths: parameter lengths inside this slice, in order; first_param: index of the first one."""
-        self.flat, self.sharded, self.numel = flat, sharded, flat.numel()
+        self.flat, self.sharded, self.numel, self.device = flat, sharded, flat.numel(), flat.device
         self.num_params = num_params if num_params is not None else first_param + len(lengths)
         self.segments, start = [], 0
         for i, length in enumerate(lengths):
@@ -62,8 +62,9 @@ def relative_error(actual, expected):
     return ((actual.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-30)).item()
 
 
-def run_script(script, args, nproc=1, expect_ok=True, timeout=600, launcher=None):
-    """Run a training script (python, torchrun with nproc CPU processes, or launcher="accelerate")."""
+def run_script(script, args, nproc=1, expect_ok=True, timeout=600, launcher=None, config_file=None):
+    """Run a script with python (nproc 1), torchrun (nproc > 1, or launcher="torchrun"), or `accelerate launch`
+    (launcher="accelerate", with an optional --config_file); returns the completed process."""
     import os
     import subprocess
     import sys
@@ -76,8 +77,8 @@ def run_script(script, args, nproc=1, expect_ok=True, timeout=600, launcher=None
     port = str(29500 + os.getpid() % 1000)
     if launcher == "accelerate":
         launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(nproc),
-                    "--main_process_port", port]
-    elif nproc == 1:
+                    "--main_process_port", port] + (["--config_file", str(config_file)] if config_file else [])
+    elif nproc == 1 and launcher != "torchrun":
         launcher = [sys.executable]
     else:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
