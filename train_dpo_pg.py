@@ -1,4 +1,4 @@
-"""Safety DPO with Orthogonal Gradient Projection (OGPSA).
+r"""Safety DPO with Orthogonal Gradient Projection (OGPSA).
 
 Same loop as train_sft_pg.py with a preference loss: every optimizer step runs the policy (and the frozen
 reference model, unless its log-probabilities were precomputed) on chosen and rejected responses, projects the

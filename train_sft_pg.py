@@ -1,4 +1,4 @@
-"""Safety SFT with Orthogonal Gradient Projection (OGPSA).
+r"""Safety SFT with Orthogonal Gradient Projection (OGPSA).
 
 Every optimizer step: forward and backward over the step's micro-batches, then remove from the reduced gradient
 its component in the span of reference (general-capability) gradients, then clip and step. The basis is

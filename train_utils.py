@@ -55,7 +55,7 @@ def build_parser(description, stage, default_lr):
     flag(g, "--output_dir", required=True, help="where checkpoints, logs, plots and the final model go")
     flag(g, "--overwrite_output_dir", bool, default=False,
          help="start afresh even if OUTPUT_DIR holds checkpoints (otherwise refused unless resuming)")
-    flag(g, "--seed", int, default=42, help="seed for initialisation-free randomness: data order, dropout")
+    flag(g, "--seed", int, default=42, help="seed for the data order and dropout")
     flag(g, "--deepspeed", default=None, help="DeepSpeed JSON config ('auto' values are filled in from these flags)")
     flag(g, "--ddp_timeout", int, default=1800, help="timeout in seconds for collective operations")
 
