@@ -16,6 +16,7 @@ DeepSpeed ZeRO-1/2/3:    accelerate launch --config_file accelerate_configs/deep
 Two CPU processes:       torchrun --nproc_per_node 2 train_dpo_pg.py ...
 """
 
+import math
 from pathlib import Path
 
 import torch
@@ -25,8 +26,9 @@ from accelerate.utils import set_seed
 from data_utils import DataError, StepSampler, collate_pairs, collate_sft, load_tokenized
 from train_utils import (MetricLog, ReferenceSet, build_optimizer, build_parser, build_scheduler, check_args,
                          finish_run, flag, is_save_step, load_checkpoint, load_model, load_tokenizer, make_accelerator,
-                         make_backend, make_projector, prepare_reference_model, refresh_basis, response_nll_sum,
-                         save_checkpoint, step_record, to_device, token_logps, total_optimizer_steps, write_json)
+                         make_backend, make_projector, prepare_output_dir, prepare_reference_model, refresh_basis,
+                         response_nll_sum, save_checkpoint, step_record, to_device, token_logps, total_optimizer_steps,
+                         write_json)
 
 LOSSES = ("sigmoid", "ipo", "hinge")
 
@@ -79,11 +81,13 @@ def reference_logps(ref_model, examples, pad, batch_size, average, device, accel
     world, rank = accelerator.num_processes, accelerator.process_index
     table = torch.zeros(len(examples), 2, dtype=torch.float32, device=device)
     mine = list(range(rank, len(examples), world))
-    for start in range(0, len(mine), batch_size):
+    # Every rank runs the same number of batches: a ZeRO-3 forward pass is collective.
+    for start in range(0, math.ceil(len(examples) / world), batch_size):
         indices = mine[start:start + batch_size]
-        chosen, rejected, _ = pair_logps(ref_model, to_device(collate_pairs([examples[i] for i in indices], pad),
-                                                              device), average)
-        table[indices] = torch.stack([chosen, rejected], -1).float()
+        batch = collate_pairs([examples[i] for i in (indices or [0])], pad)
+        chosen, rejected, _ = pair_logps(ref_model, to_device(batch, device), average)
+        if indices:
+            table[indices] = torch.stack([chosen, rejected], -1).float()
     if world > 1:
         table = accelerator.reduce(table, "sum")
     return table
@@ -112,7 +116,7 @@ def main():
         raise SystemExit("--dpo_label_smoothing applies to --pref_loss sigmoid only")
     accelerator = make_accelerator(args)
     set_seed(args.seed)
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    prepare_output_dir(args, accelerator)
     log, device = accelerator.print, accelerator.device
     world, rank = accelerator.num_processes, accelerator.process_index
     average = args.pref_loss == "ipo"
@@ -206,7 +210,7 @@ def main():
            f"{args.base_directions} directions" if projector else "off"))
 
     metrics = MetricLog(accelerator, args, total_steps, step)
-    tokens_seen = torch.tensor(extra["tokens_seen"] if extra else 0, dtype=torch.float64)
+    tokens_seen = torch.as_tensor(extra["tokens_seen"] if extra else 0, dtype=torch.float64).to(device)
     refresh_seconds = None
     model.train()
     while step < total_steps:
@@ -233,8 +237,8 @@ def main():
                                ("rewards/accuracies", (chosen_rewards > rejected_rewards).float()),
                                ("rewards/margins", chosen_rewards - rejected_rewards), ("logps/chosen", chosen),
                                ("logps/rejected", rejected)]:
-                metrics.add(key, value.detach().sum(), len(indices))
-            tokens_seen += batch["attention_mask"].sum().item()
+                metrics.add(key, value.sum(), len(indices))
+            tokens_seen += batch["attention_mask"].sum()
 
         # ---- project, clip, step ------------------------------------------------------------------------------
         log_now = (step + 1) % args.logging_steps == 0 or step + 1 == total_steps

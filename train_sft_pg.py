@@ -25,14 +25,14 @@ from accelerate.utils import set_seed
 from data_utils import StepSampler, collate_sft, load_tokenized
 from train_utils import (MetricLog, ReferenceSet, build_optimizer, build_parser, build_scheduler, check_args,
                          finish_run, is_save_step, load_checkpoint, load_model, load_tokenizer, make_accelerator,
-                         make_backend, make_projector, refresh_basis, response_nll_sum, save_checkpoint, step_record,
-                         to_device, total_optimizer_steps, write_json)
+                         make_backend, make_projector, prepare_output_dir, refresh_basis, response_nll_sum,
+                         save_checkpoint, step_record, to_device, total_optimizer_steps, write_json)
 
 def main():
     args = check_args(build_parser(__doc__, "sft_pg", default_lr=1e-5).parse_args(), "sft_pg")
     accelerator = make_accelerator(args)
     set_seed(args.seed)
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    prepare_output_dir(args, accelerator)
     log, device = accelerator.print, accelerator.device
     world, rank = accelerator.num_processes, accelerator.process_index
 
@@ -66,7 +66,7 @@ def main():
         step, extra = load_checkpoint(args.resume_from_checkpoint, args, accelerator, backend, scheduler, projector,
                                       sampler.global_batch)
         log(f"resumed from {args.resume_from_checkpoint} at step {step}")
-    tokens_seen = torch.tensor(extra["tokens_seen"] if extra else 0, dtype=torch.float64)
+    tokens_seen = torch.as_tensor(extra["tokens_seen"] if extra else 0, dtype=torch.float64).to(device)
     if accelerator.is_main_process:
         write_json(Path(args.output_dir, "training_args.json"), vars(args))
     log(f"{len(examples)} samples, {sampler.steps_per_epoch} steps per epoch, {total_steps} steps, global batch "
@@ -91,8 +91,8 @@ def main():
             with backend.micro_batch(sync=m == len(micro_batches) - 1):
                 nll = response_nll_sum(model, batch)
                 backend.backward(nll * (world / step_targets))  # DDP averages over ranks: scale back up
-            metrics.add("loss", nll.detach(), sum(examples[i]["num_targets"] for i in indices))
-            tokens_seen += batch["attention_mask"].sum().item()
+            metrics.add("loss", nll, sum(examples[i]["num_targets"] for i in indices))
+            tokens_seen += batch["attention_mask"].sum()
 
         # ---- project, clip, step ------------------------------------------------------------------------------
         log_now = (step + 1) % args.logging_steps == 0 or step + 1 == total_steps

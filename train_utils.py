@@ -9,6 +9,7 @@ import math
 import os
 import random
 import shutil
+import socket
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
@@ -182,6 +183,16 @@ def resolve_resume(args):
     return resume
 
 
+def prepare_output_dir(args, accelerator):
+    """Create OUTPUT_DIR; a fresh run with --overwrite_output_dir removes the checkpoints an earlier run left."""
+    if accelerator.is_main_process:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        if not args.resume_from_checkpoint:
+            for old in checkpoints(args.output_dir):
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
 def checkpoints(output_dir):
     """Complete checkpoints in OUTPUT_DIR, oldest first (partial ones are never renamed into place)."""
     found = [p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
@@ -196,10 +207,6 @@ def make_accelerator(args):
     """Accelerate with gloo on machines without a GPU, so the same launch configs work with CPU processes."""
     from accelerate import Accelerator, DeepSpeedPlugin, InitProcessGroupKwargs
 
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    backend = ("nccl" if torch.cuda.is_available() else "gloo") if distributed else None
-    handlers = [InitProcessGroupKwargs(backend=backend, timeout=timedelta(seconds=args.ddp_timeout))]
-    trackers = None if args.report_to == "none" else args.report_to.split(",")
     plugin = None
     if args.deepspeed:  # the reference commands' --deepspeed ds_config.json
         if not Path(args.deepspeed).is_file():
@@ -208,6 +215,13 @@ def make_accelerator(args):
         plugin = DeepSpeedPlugin(hf_ds_config=config,
                                  zero3_init_flag=config.get("zero_optimization", {}).get("stage") == 3)
     use_deepspeed = plugin is not None or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if use_deepspeed and "LOCAL_RANK" not in os.environ:  # `python script.py --deepspeed ...`: one process
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
+    distributed = use_deepspeed or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    backend = ("nccl" if torch.cuda.is_available() else "gloo") if distributed else None
+    handlers = [InitProcessGroupKwargs(backend=backend, timeout=timedelta(seconds=args.ddp_timeout))]
+    trackers = None if args.report_to == "none" else args.report_to.split(",")
     # cpu=True is what makes Accelerate start DDP over gloo without a GPU (DeepSpeed starts its own group).
     # Under DeepSpeed the engine, not Accelerate, accumulates gradients; it must know the accumulation steps.
     accelerator = Accelerator(mixed_precision="bf16" if args.bf16 else None, log_with=trackers,
@@ -219,6 +233,12 @@ def make_accelerator(args):
     if trackers:
         accelerator.init_trackers(Path(args.output_dir).name, config=json_safe(vars(args)))
     return accelerator
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def configure_deepspeed(config, args, world_size):
@@ -331,11 +351,12 @@ class Backend:
         self.accelerator.backward(loss)
 
     def clip_and_step(self, max_norm):
-        """Clip (if max_norm > 0), step, zero the gradient; returns the norm before clipping."""
+        """Clip (if max_norm > 0), step, zero the gradient; returns the norm before clipping (a tensor: reading it
+        would wait for the device, so the loop reads it only when it logs)."""
         norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm if max_norm > 0 else float("inf"))
         self.optimizer.step()
         self.zero_grad()
-        return norm.item()
+        return norm
 
     def zero_grad(self):
         self.grad_slice.zero_()
@@ -385,7 +406,7 @@ class DeepSpeedBackend(Backend):
     def clip_and_step(self, max_norm):
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        return torch.as_tensor(float("nan") if norm is None else norm)
 
     def zero_grad(self):
         """Forget a gradient that was read but not stepped (reference collection), as `step()` would."""
@@ -709,10 +730,10 @@ def save_final_model(args, accelerator, model, tokenizer):
 # ---------------------------------------------------------------------------------------------------------------
 
 class MetricLog:
-    """Per-interval metrics: local (sum, count) pairs reduced over ranks once per interval, not per step.
+    """Per-interval metrics: local (sum, count) pairs kept on the device and reduced over ranks once per interval.
 
-    Writes one line per interval (through tqdm), appends the record to OUTPUT_DIR/trainer_log.jsonl, and sends
-    it to Accelerate's trackers.
+    Writes one line per interval (through tqdm), appends the record to OUTPUT_DIR/trainer_log.jsonl (which a
+    fresh run starts anew and a resumed run cuts back to its step), and sends it to Accelerate's trackers.
     """
 
     def __init__(self, accelerator, args, total_steps, start_step):
@@ -721,21 +742,25 @@ class MetricLog:
         self.accelerator, self.args = accelerator, args
         self.sums = {}
         self.path = Path(args.output_dir, "trainer_log.jsonl")
+        if accelerator.is_main_process:
+            kept = [line for line in (self.path.read_text().splitlines() if self.path.exists() else [])
+                    if json.loads(line)["step"] <= start_step]
+            write_text_atomic(self.path, "".join(line + "\n" for line in kept))
         self.bar = tqdm(total=total_steps, initial=start_step, disable=not accelerator.is_main_process,
                         desc="training", dynamic_ncols=True)
         self.start = time.perf_counter()
 
     def add(self, name, total, count):
-        """Add a local sum over `count` units (tokens, pairs) to the current interval."""
-        total, count = torch.as_tensor(total, dtype=torch.float64), torch.as_tensor(count, dtype=torch.float64)
-        old = self.sums.get(name, (0.0, 0.0))
-        self.sums[name] = (old[0] + total.detach().cpu(), old[1] + count.cpu())
+        """Add a local sum over `count` units (tokens, pairs) to the current interval (no device sync)."""
+        old_total, old_count = self.sums.get(name, (0.0, 0))
+        self.sums[name] = (old_total + total.detach().double(), old_count + count)
 
     def flush(self, step, extra):
         """Reduce the interval's sums, log a record with `extra` scalars, and reset."""
         names = sorted(self.sums)
-        packed = torch.tensor([float(v) for n in names for v in self.sums[n]], dtype=torch.float64,
-                              device=self.accelerator.device)
+        device = self.accelerator.device
+        packed = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(())
+                              for n in names for v in self.sums[n]]) if names else torch.zeros(0, device=device)
         if self.accelerator.num_processes > 1 and len(names):
             packed = self.accelerator.reduce(packed, reduction="sum")
         record = {"step": step}
@@ -761,7 +786,7 @@ def step_record(args, accelerator, step, steps_per_epoch, learning_rate, grad_no
                 refresh_seconds, tokens_seen):
     """The scalars logged with an interval's metrics: schedule, gradient norms, projection diagnostics."""
     record = {"epoch": round(step / steps_per_epoch, 4), "learning_rate": learning_rate,
-              "grad_norm": round(grad_norm, 6)}
+              "grad_norm": round(float(grad_norm), 6)}
     if stats is not None:  # grad_norm becomes the norm before projection; clipping saw grad_norm_projected
         record.update({k: round(v, 6) for k, v in asdict(stats).items()})
         record["basis_rank"] = int(projector.rank_per_unit.max())
@@ -787,9 +812,10 @@ def finish_run(args, accelerator, model, tokenizer, metrics, step, plot_keys, su
         if args.plot_loss:
             accelerator.print(f"loss curve: {plot_curves(args.output_dir, plot_keys)}")
         records = [json.loads(line) for line in Path(args.output_dir, "trainer_log.jsonl").read_text().splitlines()]
-        summary = {"global_step": step, "train_loss": records[-1]["loss"], "train_runtime_s": records[-1]["elapsed_s"]}
+        first, last = (records[0], records[-1]) if records else ({}, {})
+        summary = {"global_step": step, "train_loss": last.get("loss"), "train_runtime_s": last.get("elapsed_s")}
         for key in summary_keys:
-            summary[f"first_{key}"], summary[f"last_{key}"] = records[0].get(key), records[-1].get(key)
+            summary[f"first_{key}"], summary[f"last_{key}"] = first.get(key), last.get(key)
         write_json(Path(args.output_dir, "train_results.json"), summary)
     accelerator.end_training()
     if torch.distributed.is_initialized():
@@ -821,7 +847,11 @@ def plot_curves(output_dir, keys=("loss",)):
 
 def write_json(path, obj):
     """Write JSON atomically (temporary file, then rename)."""
+    write_text_atomic(path, json.dumps(obj, indent=2))
+
+
+def write_text_atomic(path, text):
     path = Path(path)
     temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(obj, indent=2))
+    temporary.write_text(text)
     os.replace(temporary, path)
