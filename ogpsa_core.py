@@ -252,6 +252,14 @@ class StridedBatch:
     length: int
     param_index: torch.Tensor  # (count,) int64
 
+    def chunks(self, max_numel):
+        """Sub-batches of at most max_numel entries (at least one segment each)."""
+        step = max(1, max_numel // self.length)
+        for i in range(0, self.count, step):
+            count = min(step, self.count - i)
+            yield StridedBatch(self.start + i * self.stride, self.stride, count, self.length,
+                               self.param_index[i:i + count])
+
     def view(self, tensor, rows=None):
         """(count, 1, length) view of a flat tensor, or (count, rows, length) of a (rows, n) one."""
         if rows is None:
@@ -355,7 +363,7 @@ class Projector:
             if self.scope == "global":
                 coeff[0] += _matvec(u, g)
             else:
-                for b in batches:
+                for b in _cast_sized(batches, u, g, k):
                     partial = torch.bmm(b.view(g), _cast(b.view(u, k), g.dtype).transpose(1, 2))
                     coeff.index_add_(0, b.param_index, partial.squeeze(1).float())
         return self.grad_slice.reduce_(coeff)
@@ -394,7 +402,7 @@ class Projector:
                 _sub_matvec_t_(g, u, coeff[0])
             else:
                 k = u.shape[0]
-                for b in batches:
+                for b in _cast_sized(batches, u, g, k):
                     b.view(g).baddbmm_(coeff[b.param_index].unsqueeze(1).to(g.dtype), _cast(b.view(u, k), g.dtype),
                                        alpha=-1)
         if not diagnostics:
@@ -481,6 +489,14 @@ class Projector:
 
 def _cast(tensor, dtype):
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
+def _cast_sized(batches, basis, grad, k):
+    """The batches as they are, or, when the basis must be cast to the gradient's dtype, in chunks small enough
+    that the cast copy stays bounded (CHUNK_NUMEL x K entries, or one parameter's segment)."""
+    if basis.dtype == grad.dtype:
+        return batches
+    return [chunk for b in batches for chunk in b.chunks(CHUNK_NUMEL)]
 
 
 def _matvec(basis, grad):

@@ -187,3 +187,16 @@ def test_reference_chunks_and_rank_shares():
     seen = sorted(i for share in shares for batch in share if batch for i in batch)
     assert seen == indices  # none repeated, none missed
     assert shares[1][1] is None and shares[2][1] is None  # padding micro-batches
+
+
+@pytest.mark.parametrize("scope", ogpsa_core.SCOPES)
+def test_chunked_casts_give_the_same_projection(monkeypatch, scope):
+    """A bf16 basis is cast chunk by chunk; chunk boundaries must not change the result."""
+    results = []
+    for chunk in (ogpsa_core.CHUNK_NUMEL, 50):
+        monkeypatch.setattr(ogpsa_core, "CHUNK_NUMEL", chunk)
+        projector, grad_slice, _, directions = make(k=3, scope=scope, dtype=torch.bfloat16)
+        projector.set_directions_(directions, step=0)
+        projector.project_()
+        results.append(grad_slice.flat)
+    assert torch.allclose(results[0], results[1], rtol=1e-6, atol=1e-6)
