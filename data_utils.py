@@ -511,12 +511,14 @@ class StepSampler:
         self.seed, self.shuffle = seed, shuffle
         self.global_batch = per_device_batch * world_size * grad_accum
         self.steps_per_epoch = math.ceil(num_samples / self.global_batch)
+        self._order = (None, None)  # (epoch, permutation): made once per epoch, not once per call
 
     def order(self, epoch):
-        if not self.shuffle:
-            return torch.arange(self.num_samples)
-        generator = torch.Generator().manual_seed(self.seed + epoch)
-        return torch.randperm(self.num_samples, generator=generator)
+        if self._order[0] != epoch:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            self._order = (epoch, torch.randperm(self.num_samples, generator=generator) if self.shuffle
+                           else torch.arange(self.num_samples))
+        return self._order[1]
 
     def step_indices(self, step):
         """All samples of global optimizer step `step` (counted from 0 over epochs)."""

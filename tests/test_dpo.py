@@ -156,9 +156,10 @@ def test_precomputed_and_on_the_fly_training_agree(tiny_model, tmp_path):
     assert weights_relative_difference(load_weights(tmp_path / "fly"), load_weights(tmp_path / "pre")) < 1e-5
 
 
-@pytest.mark.parametrize("precompute", [False, True])
-def test_resumed_run_equals_uninterrupted(tiny_model, tmp_path, precompute):
-    common = dict(precompute_ref_log_probs=precompute, lr_scheduler_type="cosine", base_num_steps=4)
+def test_resumed_run_equals_uninterrupted(tiny_model, tmp_path):
+    """With precomputed reference log-probabilities, which the checkpoint carries (the rest of resuming is the
+    SFT script's, tested there)."""
+    common = dict(precompute_ref_log_probs=True, lr_scheduler_type="cosine", base_num_steps=4)
     run_script("train_dpo_pg.py", dpo_args(tiny_model, tmp_path / "full", **common))
     part = tmp_path / "part"
     run_script("train_dpo_pg.py", dpo_args(tiny_model, part, save_strategy="steps", save_steps=3, **common))
@@ -166,11 +167,11 @@ def test_resumed_run_equals_uninterrupted(tiny_model, tmp_path, precompute):
     (part / "model.safetensors").unlink()
     result = run_script("train_dpo_pg.py", dpo_args(tiny_model, part, resume_from_checkpoint=part / "checkpoint-3",
                                                     save_strategy="steps", save_steps=3, **common))
-    assert ("precomputed reference" in result.stdout) is False  # the table came from the checkpoint
+    assert "precomputed reference" not in result.stdout  # the table came from the checkpoint
     assert weights_relative_difference(load_weights(tmp_path / "full"), load_weights(part)) <= 1e-5
 
 
-@pytest.mark.parametrize("base_loss", ["sft", "dpo"])  # pairs_nll (the default): tests/test_backends.py
+@pytest.mark.parametrize("base_loss", ["dpo"])  # pairs_nll (the default): tests/test_backends.py
 def test_two_processes_equal_one(tiny_model, tmp_path, base_loss):
     run_script("train_dpo_pg.py", dpo_args(tiny_model, tmp_path / "one", base_loss=base_loss))
     run_script("train_dpo_pg.py", dpo_args(tiny_model, tmp_path / "two", base_loss=base_loss,
@@ -178,10 +179,10 @@ def test_two_processes_equal_one(tiny_model, tmp_path, base_loss):
     assert weights_relative_difference(load_weights(tmp_path / "one"), load_weights(tmp_path / "two")) <= 1e-5
 
 
-def test_sft_reference_set_with_sft_base_loss_and_ipo_hinge_run(tiny_model, tmp_path):
-    for loss in ("ipo", "hinge"):
+def test_sft_base_loss_on_sft_and_pair_sets_and_ipo_hinge_run(tiny_model, tmp_path):
+    for loss, reference in (("ipo", "demo_general_a_sft"), ("hinge", "demo_general_dpo")):
         run_script("train_dpo_pg.py", dpo_args(tiny_model, tmp_path / loss, pref_loss=loss, max_steps=2,
-                                               base_dataset="demo_general_a_sft", base_loss="sft", pref_ftx=0.1))
+                                               base_dataset=reference, base_loss="sft", pref_ftx=0.1))
         assert read_log(tmp_path / loss)[-1]["step"] == 2
     result = run_script("train_dpo_pg.py", dpo_args(tiny_model, tmp_path / "bad", base_dataset="demo_general_a_sft"),
                         expect_ok=False)
