@@ -30,6 +30,7 @@ from train_utils import (MetricLog, ReferenceSet, build_optimizer, build_parser,
                          response_nll_sum, save_checkpoint, step_record, to_device, token_logps, total_optimizer_steps,
                          write_json)
 
+
 LOSSES = ("sigmoid", "ipo", "hinge")
 
 

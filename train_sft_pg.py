@@ -28,6 +28,7 @@ from train_utils import (MetricLog, ReferenceSet, build_optimizer, build_parser,
                          make_backend, make_projector, prepare_output_dir, refresh_basis, response_nll_sum,
                          save_checkpoint, step_record, to_device, total_optimizer_steps, write_json)
 
+
 def main():
     args = check_args(build_parser(__doc__, "sft_pg", default_lr=1e-5).parse_args(), "sft_pg")
     accelerator = make_accelerator(args)
