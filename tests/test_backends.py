@@ -27,17 +27,18 @@ SCRIPTS = {"sft": ("train_sft_pg.py", sft_args), "dpo": ("train_dpo_pg.py", dpo_
 
 @pytest.fixture(scope="module")
 def single_runs(tiny_model, tmp_path_factory):
-    """Single-process reference runs, one per (script, scope), made on first use."""
+    """Single-process reference runs, one per (script, scope, batch size), made on first use."""
     cache = {}
 
-    def get(script, scope):
-        if (script, scope) not in cache:
-            out = tmp_path_factory.mktemp(f"single-{script}-{scope}")
+    def get(script, scope, batch_size=4):
+        key = script, scope, batch_size
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"single-{script}-{scope}-{batch_size}")
             path, make_args = SCRIPTS[script]
-            run_script(path, make_args(tiny_model, out, base_scope=scope, per_device_train_batch_size=4,
+            run_script(path, make_args(tiny_model, out, base_scope=scope, per_device_train_batch_size=batch_size,
                                        max_steps=4))
-            cache[script, scope] = out
-        return cache[script, scope]
+            cache[key] = out
+        return cache[key]
 
     return get
 
@@ -52,6 +53,17 @@ def test_two_processes_equal_one(tiny_model, tmp_path, single_runs, backend, scr
     single = single_runs(script, scope)
     assert weights_relative_difference(load_weights(single), load_weights(tmp_path)) <= 1e-5
     assert read_log(tmp_path)[-1]["loss"] == pytest.approx(read_log(single)[-1]["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["zero2", "zero3"])
+def test_three_processes_equal_one(tiny_model, tmp_path, single_runs, backend):
+    """Three ranks: the tiny model's tensor sizes are not multiples of 3, so ZeRO pads partitions and splits
+    parameters across rank boundaries at odd offsets, which two ranks never do."""
+    assert any(weight.numel() % 3 for weight in load_weights(tiny_model).values())
+    run_script("train_sft_pg.py", sft_args(tiny_model, tmp_path, base_scope="per_param",
+                                           per_device_train_batch_size=2, max_steps=4) + BACKENDS[backend], nproc=3)
+    single = single_runs("sft", "per_param", batch_size=6)
+    assert weights_relative_difference(load_weights(single), load_weights(tmp_path)) <= 1e-5
 
 
 CLIP_RUN = dict(dataset="demo_general_a_sft", base_dataset="demo_general_a_sft", max_samples=16, base_num_samples=16,
