@@ -99,7 +99,10 @@ def main():
         log_now = (step + 1) % args.logging_steps == 0 or step + 1 == total_steps
         stats = projector.project_(diagnostics=log_now) if projector is not None else None
         learning_rate = scheduler.get_last_lr()[0]
+        params_before = backend.snapshot_parameters() if args.base_project_update else None
         grad_norm = backend.clip_and_step(args.max_grad_norm)
+        update_stats = backend.project_update_(projector, params_before, log_now) if params_before is not None \
+            else None
         scheduler.step()
         step += 1
         metrics.bar.update(1)
@@ -107,7 +110,7 @@ def main():
         # ---- log and save -------------------------------------------------------------------------------------
         if log_now:
             metrics.flush(step, step_record(args, accelerator, step, sampler.steps_per_epoch, learning_rate, grad_norm,
-                                            stats, projector, refresh_seconds, tokens_seen))
+                                            stats, projector, refresh_seconds, tokens_seen, update_stats))
         if is_save_step(args, step, sampler.steps_per_epoch):
             save_checkpoint(args, accelerator, model, tokenizer, backend, scheduler, projector, step,
                             {"tokens_seen": tokens_seen})

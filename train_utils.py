@@ -130,6 +130,10 @@ def build_parser(description, stage, default_lr):
     flag(g, "--base_basis", default="qr", choices=list(ogpsa_core.BASES),
          help="qr: Gram-Schmidt in set order; svd: principal directions")
     flag(g, "--base_dtype", default="float32", choices=["float32", "bfloat16"], help="storage dtype of the basis")
+    flag(g, "--base_project_update", bool, default=False,
+         help="also project the parameter update after the optimizer step, so the step itself is orthogonal to the "
+              "basis (AdamW rescales each coordinate, so a projected gradient does not give an orthogonal update); "
+              "not in the paper; single process and DDP; holds a copy of the parameters")
     flag(g, "--base_batch_size", int, default=None,
          help="micro-batch size for reference gradients (default: --per_device_train_batch_size)")
     return parser
@@ -156,6 +160,8 @@ def check_args(args, stage):
         raise SystemExit("--base_num_steps, --base_directions and --base_num_samples must be at least 1")
     if args.base_scale != 1.0 and args.base_method != "threshold":
         raise SystemExit("--base_scale only applies to --base_method threshold")
+    if args.base_project_update and args.base_method != "orthogonal_projection":
+        raise SystemExit("--base_project_update needs --base_method orthogonal_projection")
     if args.report_to == "all":
         args.report_to = "tensorboard,wandb"
     if args.max_steps <= 0 and args.num_train_epochs <= 0:
@@ -342,6 +348,7 @@ class Backend:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.grad_slice = ogpsa_core.ReplicatedGradSlice(self.params)
         self.scheduled_optimizer = optimizer
+        self._params_before = None
 
     def micro_batch(self, sync):
         """Context for one micro-batch's forward and backward; gradients are reduced across ranks only if sync."""
@@ -360,6 +367,26 @@ class Backend:
 
     def zero_grad(self):
         self.grad_slice.zero_()
+
+    @torch.no_grad()
+    def snapshot_parameters(self):
+        """The parameters before a step, flat in the gradient buffer's layout (for `project_update_`)."""
+        if self._params_before is None:
+            self._params_before = torch.empty_like(self.grad_slice.flat)
+        return torch.cat([p.reshape(-1) for p in self.params], out=self._params_before)
+
+    @torch.no_grad()
+    def project_update_(self, projector, params_before, diagnostics=False):
+        """theta <- before + P(theta - before): the step's parameter change, staged in the gradient buffer (free
+        after the step), projected there. Returns the projection's stats on diagnostic steps."""
+        change = self.grad_slice.flat
+        torch.cat([p.reshape(-1) for p in self.params], out=change).sub_(params_before)
+        stats = projector.project_(diagnostics)
+        params_before.add_(change)
+        for param, segment in zip(self.params, self.grad_slice.segments):
+            param.copy_(params_before[segment.start:segment.start + segment.length].view_as(param))
+        self.zero_grad()
+        return stats
 
     def optimizer_state(self):
         return self.optimizer.state_dict()
@@ -519,6 +546,9 @@ class ReferenceSet:
 def make_projector(args, backend):
     if args.base_method == "none":
         return None
+    if args.base_project_update and backend.sharded_optimizer:
+        raise SystemExit("--base_project_update is not supported under DeepSpeed: the update happens inside the "
+                         "engine's step, on its float32 partitions; use one process or DDP")
     return ogpsa_core.Projector(backend.grad_slice, scope=args.base_scope, method=args.base_method,
                                 basis=args.base_basis, threshold=args.base_threshold, scale=args.base_scale,
                                 dtype=getattr(torch, args.base_dtype))
@@ -783,13 +813,15 @@ class MetricLog:
 
 
 def step_record(args, accelerator, step, steps_per_epoch, learning_rate, grad_norm, stats, projector,
-                refresh_seconds, tokens_seen):
+                refresh_seconds, tokens_seen, update_stats=None):
     """The scalars logged with an interval's metrics: schedule, gradient norms, projection diagnostics."""
     record = {"epoch": round(step / steps_per_epoch, 4), "learning_rate": learning_rate,
               "grad_norm": round(float(grad_norm), 6)}
     if stats is not None:  # grad_norm becomes the norm before projection; clipping saw grad_norm_projected
         record.update({k: round(v, 6) for k, v in asdict(stats).items()})
         record["basis_rank"] = int(projector.rank_per_unit.max())
+    if update_stats is not None:  # --base_project_update: the share of the optimizer's step that was removed
+        record["update_removed_fraction"] = round(update_stats.removed_fraction, 6)
     if refresh_seconds is not None:
         record["refresh_s"] = round(refresh_seconds, 3)
     if args.include_num_input_tokens_seen:

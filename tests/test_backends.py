@@ -7,6 +7,7 @@ differs (all-reduce or reduce-scatter of two partial sums versus one sum), which
 
 import json
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ import torch
 from helpers import load_weights, read_log, run_script, weights_relative_difference
 from test_dpo import dpo_args
 from test_sft_e2e import sft_args
-from train_utils import configure_deepspeed
+from train_utils import build_parser, check_args, configure_deepspeed, make_projector
 
 BACKENDS = {
     "ddp": [],
@@ -64,6 +65,23 @@ def test_three_processes_equal_one(tiny_model, tmp_path, single_runs, backend):
                                            per_device_train_batch_size=2, max_steps=4) + BACKENDS[backend], nproc=3)
     single = single_runs("sft", "per_param", batch_size=6)
     assert weights_relative_difference(load_weights(single), load_weights(tmp_path)) <= 1e-5
+
+
+def test_update_projection_under_ddp_equals_one_process(tiny_model, tmp_path):
+    """DPO (the other loop), global scope: every rank projects the same replicated update."""
+    common = dict(base_scope="global", max_steps=4, base_project_update=True)
+    run_script("train_dpo_pg.py", dpo_args(tiny_model, tmp_path / "single", per_device_train_batch_size=4, **common))
+    run_script("train_dpo_pg.py", dpo_args(tiny_model, tmp_path / "ddp", per_device_train_batch_size=2, **common),
+               nproc=2)
+    assert weights_relative_difference(load_weights(tmp_path / "single"), load_weights(tmp_path / "ddp")) <= 1e-5
+    assert read_log(tmp_path / "ddp")[-1]["update_removed_fraction"] > 0
+
+
+def test_update_projection_is_refused_under_deepspeed(tiny_model, tmp_path):
+    args = check_args(build_parser("", "sft_pg", 1e-5).parse_args(
+        sft_args(tiny_model, tmp_path, base_project_update=True)), "sft_pg")
+    with pytest.raises(SystemExit, match="--base_project_update is not supported under DeepSpeed"):
+        make_projector(args, SimpleNamespace(sharded_optimizer=True))
 
 
 CLIP_RUN = dict(dataset="demo_general_a_sft", base_dataset="demo_general_a_sft", max_samples=16, base_num_samples=16,

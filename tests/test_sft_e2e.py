@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from helpers import load_weights, read_log, run_script, weights_relative_difference
+from helpers import (load_weights, read_log, reference_projection, relative_error, run_script,
+                     weights_relative_difference)
 from train_utils import build_parser, check_args
 
 SAFETY = "demo_safety_sft"
@@ -82,6 +84,33 @@ def test_reference_set_equal_to_the_training_batch_blocks_the_update(tiny_model,
     assert updates["none"].norm() > 0 and ratio <= 1e-3, ratio
 
 
+def flat_parameters(folder):
+    """A saved model's trainable parameters, flat in the training scripts' order (float64), and their sizes."""
+    from transformers import AutoModelForCausalLM
+
+    params = [p.detach().double().flatten() for p in AutoModelForCausalLM.from_pretrained(folder).parameters()]
+    return torch.cat(params), [p.numel() for p in params]
+
+
+@pytest.mark.parametrize("scope", ["per_param", "global"])
+def test_update_projection_removes_the_basis_component_of_the_adamw_step(tiny_model, tmp_path, scope):
+    """AdamW rescales each coordinate, so the step it takes from a projected gradient keeps a component in the
+    basis; --base_project_update makes the step that step minus its basis component (float64 reference)."""
+    initial, lengths = flat_parameters(tiny_model)
+    common = dict(base_scope=scope, max_steps=1, learning_rate=1e-3, weight_decay=0.01, save_strategy="steps",
+                  save_steps=1)
+    run_script("train_sft_pg.py", sft_args(tiny_model, tmp_path / "gradient", **common))
+    run_script("train_sft_pg.py", sft_args(tiny_model, tmp_path / "update", base_project_update=True, **common))
+    step_from_gradient = flat_parameters(tmp_path / "gradient")[0] - initial
+    step_projected = flat_parameters(tmp_path / "update")[0] - initial
+    basis = load_file(str(tmp_path / "update" / "checkpoint-1" / "ogpsa_basis_0.safetensors"))["basis"]
+    expected = reference_projection(step_from_gradient, basis, lengths, scope)
+    removed = ((step_from_gradient - expected).norm() / step_from_gradient.norm()).item()
+    assert removed > 1e-2, removed  # there is something to remove (observed 3-4%) ...
+    assert relative_error(step_projected, expected) <= 1e-4  # ... and exactly that is removed (~1.6e-6)
+    assert read_log(tmp_path / "update")[-1]["update_removed_fraction"] > 0
+
+
 def reference_dataset_dir(tmp_path):
     """The reference command's dataset names, pointing at the demo files (64 safety rows keep the test short)."""
     data = Path(__file__).resolve().parents[1] / "data"
@@ -143,6 +172,7 @@ def test_a_new_run_refuses_to_overwrite_checkpoints(tiny_model, tmp_path):
     (["--stage", "sft"], "--stage sft trains without projection: pass --base_method none"),
     (["--base_dataset", ""], "needs --base_dataset"),
     (["--base_scale", "0.5"], "--base_scale only applies to --base_method threshold"),
+    (["--base_project_update", "True", "--base_method", "threshold"], "needs --base_method orthogonal_projection"),
 ])
 def test_flags_that_make_no_sense_are_refused(tiny_model, tmp_path, flags, message):
     args = build_parser("", "sft_pg", 1e-5).parse_args(sft_args(tiny_model, tmp_path) + flags)
