@@ -114,6 +114,13 @@ TRAINED_METHODS = {
     "ogpsa_per_param_threshold": ("ogpsa", "per_param_threshold", ("--base_scope", "per_param",
                                                                    "--base_method", "threshold")),
     "ogpsa_global_threshold": ("ogpsa", "global_threshold", ("--base_scope", "global", "--base_method", "threshold")),
+    # Not in the paper: also project AdamW's step (--base_project_update), so the update itself is orthogonal.
+    "ogpsa_per_param_update": ("ogpsa", "per_param_update", ("--base_scope", "per_param",
+                                                             "--base_project_update", "True")),
+    "ogpsa_global_update": ("ogpsa", "global_update", ("--base_scope", "global", "--base_project_update", "True")),
+    "ogpsa_global_update_refresh2": ("ogpsa", "global_update_refresh2", ("--base_scope", "global",
+                                                                         "--base_project_update", "True",
+                                                                         "--base_num_steps", "2")),
 }
 PIPELINES = ("sft", "dpo", "sft_dpo")
 
@@ -123,7 +130,8 @@ CPU = Config(
     reference_samples=100, heldout_per_family=100, heldout_requests=100, pretrain_epochs=3, pretrain_lr=3e-3,
     batch_size=16, sft_lr=1e-3, sft_epochs=2, dpo_lr=3e-4, dpo_epochs=2, dpo_beta=0.1, base_num_steps=10,
     pipelines=PIPELINES, merge_weights=(0.25, 0.5, 0.75),
-    methods=("naive", "replay", "ogpsa_per_param", "ogpsa_global", "ogpsa_global_d4", "ogpsa_global_refresh2"),
+    methods=("naive", "replay", "ogpsa_per_param", "ogpsa_global", "ogpsa_global_d4", "ogpsa_global_refresh2",
+             "ogpsa_per_param_update", "ogpsa_global_update", "ogpsa_global_update_refresh2"),
 )
 CONFIGS = {
     "cpu": CPU,
