@@ -820,7 +820,7 @@ def step_record(args, accelerator, step, steps_per_epoch, learning_rate, grad_no
     if stats is not None:  # grad_norm becomes the norm before projection; clipping saw grad_norm_projected
         record.update({k: round(v, 6) for k, v in asdict(stats).items()})
         record["basis_rank"] = int(projector.rank_per_unit.max())
-    if update_stats is not None:  # --base_project_update: the share of the optimizer's step that was removed
+    if update_stats is not None:  # --base_project_update: 1 - |projected step| / |optimizer step|
         record["update_removed_fraction"] = round(update_stats.removed_fraction, 6)
     if refresh_seconds is not None:
         record["refresh_s"] = round(refresh_seconds, 3)
