@@ -99,10 +99,10 @@ def main():
         log_now = (step + 1) % args.logging_steps == 0 or step + 1 == total_steps
         stats = projector.project_(diagnostics=log_now) if projector is not None else None
         learning_rate = scheduler.get_last_lr()[0]
-        params_before = backend.snapshot_parameters() if args.base_project_update else None
+        if args.base_project_update:  # AdamW rescales coordinates: project the step itself too
+            backend.snapshot_parameters()
         grad_norm = backend.clip_and_step(args.max_grad_norm)
-        update_stats = backend.project_update_(projector, params_before, log_now) if params_before is not None \
-            else None
+        update_stats = backend.project_update_(projector, log_now) if args.base_project_update else None
         scheduler.step()
         step += 1
         metrics.bar.update(1)

@@ -370,21 +370,22 @@ class Backend:
 
     @torch.no_grad()
     def snapshot_parameters(self):
-        """The parameters before a step, flat in the gradient buffer's layout (for `project_update_`)."""
+        """Keep the parameters before a step, flat in the gradient buffer's layout, for `project_update_`."""
         if self._params_before is None:
             self._params_before = torch.empty_like(self.grad_slice.flat)
-        return torch.cat([p.reshape(-1) for p in self.params], out=self._params_before)
+        torch.cat([p.reshape(-1) for p in self.params], out=self._params_before)
 
     @torch.no_grad()
-    def project_update_(self, projector, params_before, diagnostics=False):
-        """theta <- before + P(theta - before): the step's parameter change, staged in the gradient buffer (free
-        after the step), projected there. Returns the projection's stats on diagnostic steps."""
-        change = self.grad_slice.flat
-        torch.cat([p.reshape(-1) for p in self.params], out=change).sub_(params_before)
+    def project_update_(self, projector, diagnostics=False):
+        """theta <- before + P(theta - before), `before` from `snapshot_parameters`: the step's parameter change is
+        staged in the gradient buffer (free after the step) and projected there. Returns the projection's stats
+        on diagnostic steps."""
+        before, change = self._params_before, self.grad_slice.flat
+        torch.cat([p.reshape(-1) for p in self.params], out=change).sub_(before)
         stats = projector.project_(diagnostics)
-        params_before.add_(change)
+        before.add_(change)
         for param, segment in zip(self.params, self.grad_slice.segments):
-            param.copy_(params_before[segment.start:segment.start + segment.length].view_as(param))
+            param.copy_(before[segment.start:segment.start + segment.length].view_as(param))
         self.zero_grad()
         return stats
 
