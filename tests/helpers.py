@@ -58,6 +58,17 @@ def reference_projection(grad, directions, lengths, scope, method="orthogonal_pr
     return out
 
 
+def float32_rtol(n, amplification=1.0):
+    """Relative-error bound for a float32 result built from sums of n terms.
+
+    Each sum carries rounding error of about sqrt(n) x eps (terms of random sign; n x eps in the worst case, which
+    blocked summation does not reach at these sizes); a result that cancels (its norm far below its inputs')
+    magnifies that by ||inputs|| / ||result||, passed as `amplification`. A factor 8 leaves room for the few
+    sums chained in a projection. A wrong formula misses by O(1).
+    """
+    return 8 * torch.finfo(torch.float32).eps * n ** 0.5 * amplification
+
+
 def relative_error(actual, expected):
     return ((actual.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-30)).item()
 
