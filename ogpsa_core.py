@@ -22,6 +22,8 @@ Backends (single process, DDP, DeepSpeed ZeRO) differ only in where the gradient
 projection which flat views this rank owns and how they map onto parameters.
 """
 
+import bisect
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -65,6 +67,7 @@ class GradSlice:
     segments: list
     numel: int  # size of the local coordinate space (segments plus padding)
     device: torch.device
+    dtype: torch.dtype  # of the gradient the projection edits
     sharded: bool = False
 
     def pieces(self):
@@ -75,6 +78,43 @@ class GradSlice:
         if self.sharded and dist.is_available() and dist.is_initialized():
             dist.all_reduce(tensor)
         return tensor
+
+    def norm(self):
+        """||g|| over all ranks (float32 accumulation)."""
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        for _, view in self.pieces():
+            total += view.float().square().sum().to(self.device)
+        return self.reduce_(total).sqrt()
+
+    def mul_(self, factor):
+        for _, view in self.pieces():
+            view.mul_(factor)
+
+    def masters(self):
+        """(start, tensor) pairs of the float32 master weights in local coordinates, where an optimizer keeps them
+        partitioned (ZeRO); empty where the parameters are the masters."""
+        return []
+
+    def local_values(self, param, segment):
+        """The parameter's own values for `segment`, as this rank holds them."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def misplaced_params(self, params):
+        """Indices of parameters whose float32 master entries, read through this slice's coordinates, differ from
+        the parameter's own values: a check of the coordinate map that does not go through the gradient."""
+        masters = self.masters()
+        starts = [start for start, _ in masters]
+        misplaced = []
+        if not masters:
+            return misplaced
+        for segment in self.segments:
+            start, master = masters[bisect.bisect_right(starts, segment.start) - 1]
+            values = self.local_values(params[segment.param_index], segment)
+            mapped = master[segment.start - start:segment.start - start + segment.length]
+            if not torch.equal(mapped.to(device=values.device, dtype=values.dtype), values):
+                misplaced.append(segment.param_index)
+        return misplaced
 
 
 class ReplicatedGradSlice(GradSlice):
@@ -97,7 +137,7 @@ class ReplicatedGradSlice(GradSlice):
             param.grad = self.flat[start:start + param.numel()].view_as(param)
             self.segments.append(Segment(index, start, param.numel()))
             start += param.numel()
-        self.numel, self.device = start, self.flat.device
+        self.numel, self.device, self.dtype = start, self.flat.device, self.flat.dtype
         self._params = params
         self._grad_ptrs = [p.grad.data_ptr() for p in params]
 
@@ -112,35 +152,74 @@ class ReplicatedGradSlice(GradSlice):
 
 
 class ZeroGradSlice(GradSlice):
-    """DeepSpeed ZeRO-1/2: this rank's reduced partition of each parameter group.
+    """DeepSpeed ZeRO-1/2: this rank's partition of every parameter group's gradient.
 
-    DeepSpeed exposes the partition as one fragment view per parameter (`_hp_mapping.get_lp_grad_fragment`), valid
-    from the last backward of a step until `engine.step()`, which takes both the clip norm and the update from
-    them; so in-place edits in between are exactly "project, then clip, then step". The views are fetched anew
-    on every call and fragments adjacent in memory are merged into one view, so the projection runs over a few
-    long pieces. A parameter split between two ranks contributes a fragment to each (`param_start`).
+    The local coordinates are DeepSpeed's own partition coordinates: group g's partition (`partition_size[g]`
+    entries) follows group g - 1's, and each parameter's piece sits where DeepSpeed's partition tables put it
+    (`params_in_partition`, `grad_partition_insertion_offset`, `grad_start_offset`: the tables by which `step()`
+    assembles the gradient it clips and steps with). They are also the coordinates of the float32 master partition.
+    DeepSpeed's per-parameter `_hp_mapping` is not used: under `round_robin_gradients` (LLaMA-Factory's stock
+    ds_z2_config.json) it lists parameters in model order while the partition holds them reordered.
+
+    Where the gradient is between the last backward of a step and `engine.step()`: `averaged_gradients[g]`, a list
+    of views that step() concatenates into the partition; under optimizer offload, the float32 partition's `.grad`
+    on the CPU, which backward fills and step() reads.
     """
 
     sharded = True
 
     def __init__(self, zero_optimizer, params):
         index = {id(p): i for i, p in enumerate(params)}
+        self._zero = zero_optimizer
         self.num_params = len(params)
-        self.segments, self._owned, start = [], [], 0
-        for group in zero_optimizer.bit16_groups:
-            for param in group:
-                mapping = getattr(param, "_hp_mapping", None)
-                if mapping is None or mapping.lp_fragment_address.numel == 0:
-                    continue  # no fragment of this parameter in this rank's partition
-                address = mapping.lp_fragment_address
-                self.segments.append(Segment(index[id(param)], start, address.numel, address.start))
-                self._owned.append(param)
-                start += address.numel
-        self.numel, self.device = start, zero_optimizer.single_partition_of_fp32_groups[0].device
+        self.offload = bool(zero_optimizer.cpu_offload)
+        self.segments, self.group_starts, start = [], [], 0
+        for group, size in enumerate(zero_optimizer.partition_size):
+            rank = dist.get_rank(group=zero_optimizer.real_dp_process_group[group])
+            for param in zero_optimizer.params_in_partition[group]:
+                param_id = zero_optimizer.get_param_id(param)
+                source = int(zero_optimizer.grad_start_offset[group][rank][param_id])
+                dest = int(zero_optimizer.grad_partition_insertion_offset[group][rank][param_id])
+                self.segments.append(Segment(index[id(param)], start + dest,
+                                             min(param.numel() - source, int(size) - dest), source))
+            self.group_starts.append(start)
+            start += int(size)
+        masters = zero_optimizer.single_partition_of_fp32_groups
+        self.numel, self.device = start, masters[0].device
+        self.dtype = masters[0].dtype if self.offload else zero_optimizer.gradient_accumulation_dtype
+
+    def masters(self):
+        return list(zip(self.group_starts, self._zero.single_partition_of_fp32_groups))
+
+    def local_values(self, param, segment):
+        return param.data.view(-1)[segment.param_start:segment.param_start + segment.length]
 
     def pieces(self):
-        views = [p._hp_mapping.get_lp_grad_fragment(p._index_in_param_group).view(-1) for p in self._owned]
-        return merge_adjacent_views(views, [s.start for s in self.segments])
+        if self.offload:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()  # backward's copies into the CPU buffers are asynchronous
+            return [(start, master.grad) for start, master in self.masters()]
+        pieces = []
+        for group, start in enumerate(self.group_starts):
+            views = self._zero.averaged_gradients.get(group)
+            if views is None:
+                raise RuntimeError("DeepSpeed holds no reduced gradient for this step: project between the last "
+                                   "backward of an optimizer step and engine.step()")
+            starts = [start + offset for offset in itertools.accumulate([0] + [v.numel() for v in views[:-1]])]
+            pieces += merge_adjacent_views([v.view(-1) for v in views], starts)
+        self._check_covered(pieces)
+        return pieces
+
+    def _check_covered(self, pieces):
+        """Every segment lies inside one view and the views fill the partition, as DeepSpeed's tables say."""
+        starts = [start for start, _ in pieces]
+        for segment in self.segments:
+            i = bisect.bisect_right(starts, segment.start) - 1
+            if i < 0 or segment.start + segment.length > starts[i] + pieces[i][1].numel():
+                raise RuntimeError(f"DeepSpeed's gradient partition does not hold parameter {segment.param_index} "
+                                   "where its partition tables say; the projection would edit the wrong entries")
+        if sum(view.numel() for _, view in pieces) != self.numel:
+            raise RuntimeError("DeepSpeed's gradient partition is not the size its partition tables give")
 
 
 class Zero3GradSlice(GradSlice):
@@ -148,7 +227,9 @@ class Zero3GradSlice(GradSlice):
 
     Partition r of a parameter covers its flattened entries [r x n, (r + 1) x n), n = `partition_numel()`; the
     last rank's share ends in padding, which stays zero. `engine.step()` reads the clip norm and the update from
-    this buffer, so projecting it in place before the step is exact.
+    this buffer, so projecting it in place before the step is exact. The buffer's layout is the concatenation of the
+    float32 master sub-groups; under optimizer offload step() reads their `.grad` on the CPU instead, which
+    backward filled from the buffer.
     """
 
     sharded = True
@@ -157,19 +238,34 @@ class Zero3GradSlice(GradSlice):
         index = {id(p): i for i, p in enumerate(params)}
         rank = dist.get_rank(group=zero_optimizer.dp_process_group)
         self.num_params = len(params)
-        self._optimizer = zero_optimizer
-        self.segments, start = [], 0
+        self._zero = zero_optimizer
+        self.offload = bool(zero_optimizer.offload_optimizer)
+        self.segments, self.group_starts, start = [], [], 0
         for group in zero_optimizer.fp16_groups:
+            self.group_starts.append(start)
             for param in group:
                 size = param.partition_numel()
                 owned = min(size, max(0, param.ds_numel - rank * size))
                 if owned:
                     self.segments.append(Segment(index[id(param)], start, owned, rank * size))
                 start += size
-        self.numel, self.device = start, zero_optimizer.grad_partitions_flat_buffer.device
+        self.numel = start
+        gradient = (zero_optimizer.fp32_partitioned_groups_flat[0] if self.offload
+                    else zero_optimizer.grad_partitions_flat_buffer)
+        self.device, self.dtype = gradient.device, gradient.dtype
+
+    def masters(self):
+        return list(zip(self.group_starts, self._zero.fp32_partitioned_groups_flat))
+
+    def local_values(self, param, segment):
+        return param.ds_tensor.data.view(-1)[:segment.length]
 
     def pieces(self):
-        return [(0, self._optimizer.grad_partitions_flat_buffer)]
+        if self.offload:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            return [(start, master.grad) for start, master in self.masters()]
+        return [(0, self._zero.grad_partitions_flat_buffer)]
 
 
 def merge_adjacent_views(views, starts):

@@ -67,6 +67,7 @@ def main():
         step, extra = load_checkpoint(args.resume_from_checkpoint, args, accelerator, backend, scheduler, projector,
                                       sampler.global_batch)
         log(f"resumed from {args.resume_from_checkpoint} at step {step}")
+    first_step = step
     tokens_seen = torch.as_tensor(extra["tokens_seen"] if extra else 0, dtype=torch.float64).to(device)
     if accelerator.is_main_process:
         write_json(Path(args.output_dir, "training_args.json"), vars(args))
@@ -97,11 +98,14 @@ def main():
 
         # ---- project, clip, step ------------------------------------------------------------------------------
         log_now = (step + 1) % args.logging_steps == 0 or step + 1 == total_steps
-        stats = projector.project_(diagnostics=log_now) if projector is not None else None
+        check_now = log_now or step == first_step  # the guard below runs on these steps
+        stats = projector.project_(diagnostics=check_now) if projector is not None else None
         learning_rate = scheduler.get_last_lr()[0]
         if args.base_project_update:  # AdamW rescales coordinates: project the step itself too
             backend.snapshot_parameters()
         grad_norm = backend.clip_and_step(args.max_grad_norm)
+        if stats is not None:  # stop if the projection did not act on the gradient the optimizer stepped with
+            backend.check_projection(stats, grad_norm, projector)
         update_stats = backend.project_update_(projector, log_now) if args.base_project_update else None
         scheduler.step()
         step += 1

@@ -212,21 +212,19 @@ def checkpoints(output_dir):
 def make_accelerator(args):
     """Accelerate with gloo on machines without a GPU, so the same launch configs work with CPU processes."""
     from accelerate import Accelerator, DeepSpeedPlugin, InitProcessGroupKwargs
+    from accelerate.utils import DistributedType
 
-    plugin = None
-    if args.deepspeed:  # the reference commands' --deepspeed ds_config.json
-        if not Path(args.deepspeed).is_file():
-            raise SystemExit(f"--deepspeed {args.deepspeed}: no such file")
-        config = json.loads(Path(args.deepspeed).read_text())
-        plugin = DeepSpeedPlugin(hf_ds_config=config,
-                                 zero3_init_flag=config.get("zero_optimization", {}).get("stage") == 3)
+    config, stage = deepspeed_file_config(args)
+    if stage == 0:  # ZeRO stage 0 is plain data parallelism: run it as DDP (the whole reduced gradient per rank)
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "false"
+    plugin = DeepSpeedPlugin(hf_ds_config=config, zero3_init_flag=stage == 3) if config and stage else None
     use_deepspeed = plugin is not None or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     if use_deepspeed and "LOCAL_RANK" not in os.environ:  # `python script.py --deepspeed ...`: one process
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
     distributed = use_deepspeed or int(os.environ.get("WORLD_SIZE", "1")) > 1
-    backend = ("nccl" if torch.cuda.is_available() else "gloo") if distributed else None
-    handlers = [InitProcessGroupKwargs(backend=backend, timeout=timedelta(seconds=args.ddp_timeout))]
+    process_group = ("nccl" if torch.cuda.is_available() else "gloo") if distributed else None
+    handlers = [InitProcessGroupKwargs(backend=process_group, timeout=timedelta(seconds=args.ddp_timeout))]
     trackers = None if args.report_to == "none" else args.report_to.split(",")
     # cpu=True is what makes Accelerate start DDP over gloo without a GPU (DeepSpeed starts its own group).
     # Under DeepSpeed the engine, not Accelerate, accumulates gradients; it must know the accumulation steps.
@@ -234,11 +232,31 @@ def make_accelerator(args):
                               project_dir=args.output_dir, kwargs_handlers=handlers, deepspeed_plugin=plugin,
                               gradient_accumulation_steps=args.gradient_accumulation_steps if use_deepspeed else 1,
                               cpu=not torch.cuda.is_available() and not use_deepspeed)
-    if use_deepspeed:
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
         configure_deepspeed(accelerator.state.deepspeed_plugin.deepspeed_config, args, accelerator.num_processes)
+    elif stage == 0:
+        accelerator.print("DeepSpeed ZeRO stage 0 is plain data parallelism: running it as DDP")
     if trackers:
         accelerator.init_trackers(Path(args.output_dir).name, config=json_safe(vars(args)))
     return accelerator
+
+
+def deepspeed_file_config(args):
+    """(config, ZeRO stage) from --deepspeed or `accelerate launch`'s DeepSpeed settings; (None, None) without."""
+    path = args.deepspeed
+    if path is None and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+        if path == "none":  # settings written inline in the accelerate YAML: Accelerate builds the config
+            return None, int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", 2))
+    if path is None:
+        return None, None
+    if not Path(path).is_file():
+        raise SystemExit(f"--deepspeed {path}: no such file")
+    try:
+        config = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise SystemExit(f"DeepSpeed config {path}: not valid JSON ({err})") from None
+    return config, config.get("zero_optimization", {}).get("stage", 0)
 
 
 def free_port():
@@ -260,17 +278,27 @@ def configure_deepspeed(config, args, world_size):
     fill("gradient_accumulation_steps", args.gradient_accumulation_steps, "--gradient_accumulation_steps")
     fill("train_batch_size", args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size,
          "per-device batch x accumulation x processes")
-    # DeepSpeed clips inside engine.step(), after the projection, with the norm of the projected gradient.
     fill("gradient_clipping", args.max_grad_norm, "--max_grad_norm")
     zero = config.setdefault("zero_optimization", {})
     if zero.get("stage", 0) not in (1, 2, 3):
-        raise SystemExit(f"DeepSpeed zero_optimization.stage {zero.get('stage', 0)}: use ZeRO-1/2/3, or plain DDP "
-                         "(accelerate_configs/multi_gpu.yaml) without DeepSpeed")
+        raise SystemExit(f"DeepSpeed zero_optimization.stage {zero.get('stage', 0)}: use 0 (run as DDP), 1, 2 or 3")
     for key in ("offload_optimizer", "offload_param"):
-        if zero.get(key, {}).get("device", "none") not in ("none", None):
-            raise SystemExit(f"DeepSpeed zero_optimization.{key} is not supported with OGPSA: with offloading, "
-                             "DeepSpeed computes the clip norm during backward, before the projection could run, and "
-                             "moves the gradient partition off the device; remove the setting")
+        if zero.get(key, {}).get("device", "none") not in ("none", "cpu", None):
+            raise SystemExit(f"DeepSpeed zero_optimization.{key}.device {zero[key]['device']} is not supported with "
+                             "OGPSA: NVMe offload swaps the gradient partitions to disk, where the projection cannot "
+                             "reach them; use \"cpu\"")
+    for key in ("zero_quantized_gradients", "zero_quantized_weights"):
+        if zero.get(key):
+            raise SystemExit(f"DeepSpeed zero_optimization.{key} (ZeRO++) is not supported with OGPSA: it quantizes "
+                             "what is communicated, and its kernels do not run on the CPU where the projection's "
+                             "exactness is tested; remove it")
+    if zero.get("zero_hpz_partition_size", 1) > 1:
+        raise SystemExit("DeepSpeed zero_optimization.zero_hpz_partition_size (ZeRO++ hierarchical partitioning) is "
+                         "not supported with OGPSA: untested; remove it")
+    if zero.get("offload_optimizer", {}).get("device") == "cpu":
+        # With optimizer offload DeepSpeed takes the clip norm during backward, before the projection runs: the
+        # backend clips the projected gradient itself, so DeepSpeed must not clip again.
+        config["gradient_clipping"] = 0.0
     if config.get("fp16", {}).get("enabled") is True:
         raise SystemExit("DeepSpeed fp16.enabled is not supported: use bf16 (--bf16 True)")
     for key in ("optimizer", "scheduler"):
@@ -334,6 +362,22 @@ def total_optimizer_steps(args, steps_per_epoch):
 # Backend: where backward runs and where the reduced gradient lives
 # ---------------------------------------------------------------------------------------------------------------
 
+# DeepSpeed zero_optimization keys that decide where each gradient entry lands on which rank, with DeepSpeed's
+# defaults; the guard names those a config changes. The README's "DeepSpeed settings" says which are supported.
+PARTITION_KEYS = {"round_robin_gradients": False, "overlap_comm": False, "contiguous_gradients": True,
+                  "reduce_scatter": True, "reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8,
+                  "use_multi_rank_bucket_allreduce": True, "stage3_param_persistence_threshold": 1e5,
+                  "sub_group_size": 1e9, "stage3_max_live_parameters": 1e9, "offload_optimizer": None,
+                  "offload_param": None}
+# Guard tolerances. Norms: both sides sum the same stored gradient values in float32 or wider, only in another
+# order, which moves a norm by ~1e-6 relative; a projection that edits memory the optimizer does not read moves it
+# by the share it edited (6% with the round_robin_gradients bug). Cosine after projection, by the coarser dtype of
+# the basis and the gradient: float32 rounding leaves ~1e-6; bfloat16 keeps 8 significant bits, and its rounding
+# left up to 2e-3 (ZeRO-3 with bfloat16 gradient accumulation; the limit is 4 x 2^-8); the round_robin_gradients
+# bug left 0.09-0.18.
+GUARD_NORM_RTOL = 1e-3
+GUARD_MAX_COS = {torch.float32: 1e-3, torch.bfloat16: 4 * 2.0 ** -8}
+
 class Backend:
     """Single process or DDP through Accelerate. Gradients live in one flat buffer (see ReplicatedGradSlice).
 
@@ -368,6 +412,43 @@ class Backend:
     def zero_grad(self):
         self.grad_slice.zero_()
 
+    def stepped_norm(self, stats, clip_norm):
+        """(the projected gradient's norm as the projection computed it, the norm clipping took of the gradient
+        the optimizer stepped with)."""
+        return stats.grad_norm_projected, float(clip_norm)
+
+    def check_projection(self, stats, clip_norm, projector):
+        """Guard against a silently wrong projection (run on the first step and on every logging step).
+
+        Three independent checks: the gradient the projection edited has the norm the optimizer's clipping found
+        (else the projection edited other memory than the optimizer read); it is orthogonal to the basis; and
+        each parameter's float32 master entries, read through the projection's coordinates, equal the
+        parameter's values (else the coordinates map entries to the wrong parameters).
+        """
+        ours, stepped = self.stepped_norm(stats, clip_norm)
+        if not (math.isfinite(ours) and math.isfinite(stepped)):
+            return  # a non-finite gradient is not a mapping problem
+        problems = []
+        if abs(ours - stepped) > GUARD_NORM_RTOL * max(ours, stepped):
+            problems.append(f"the projected gradient's norm is {ours:.6g} but the optimizer stepped with one of "
+                            f"norm {stepped:.6g}")
+        coarsest = min(projector.dtype, self.grad_slice.dtype, key=lambda dtype: torch.finfo(dtype).bits)
+        if projector.method == "orthogonal_projection" and stats.max_abs_cos > GUARD_MAX_COS[coarsest]:
+            problems.append(f"after projection the gradient still has cosine {stats.max_abs_cos:.3g} with the basis")
+        misplaced = self.grad_slice.misplaced_params(self.params)
+        count = self.grad_slice.reduce_(torch.tensor(float(len(misplaced)), device=self.grad_slice.device))
+        if count.item():
+            problems.append(f"{int(count.item())} parameter pieces are not where the projection's coordinates put "
+                            f"them (on this rank: parameters {misplaced[:5]})")
+        if problems:
+            settings = ", ".join(f"{k}={v}" for k, v in getattr(self, "partition_settings", {}).items())
+            raise SystemExit("OGPSA guard: the projection does not act on the gradient the optimizer steps with: "
+                             + "; ".join(problems) + ". "
+                             + (f"Likely cause: the DeepSpeed zero_optimization settings that move gradient "
+                                f"partitions ({settings}); set them to their defaults one at a time, and report "
+                                "which one it is. " if settings else "")
+                             + "Stopped so that no silently wrong model is trained.")
+
     @torch.no_grad()
     def snapshot_parameters(self):
         """Keep the parameters before a step, flat in the gradient buffer's layout, for `project_update_`."""
@@ -400,7 +481,9 @@ class DeepSpeedBackend(Backend):
     """DeepSpeed ZeRO-1/2/3: the engine reduces and partitions the gradient; each rank projects its partition.
 
     Accelerate's `backward` would also step the engine, so the engine is driven directly: boundary flag,
-    `engine.backward`, (projection), `engine.step()`, which clips with the projected partition's norm.
+    `engine.backward`, (projection), `engine.step()`, which clips with the projected partition's norm. Under
+    optimizer offload DeepSpeed takes that norm during backward, before the projection, so the backend clips the
+    projected gradient itself and DeepSpeed's clipping is off (see `configure_deepspeed`).
     """
 
     sharded_optimizer = True
@@ -415,14 +498,16 @@ class DeepSpeedBackend(Backend):
         self.params = [p for p in engine.module.parameters() if p.requires_grad]
         if isinstance(self.zero, DeepSpeedZeroOptimizer_Stage3):
             self.grad_slice = ogpsa_core.Zero3GradSlice(self.zero, self.params)
-            self.masters = self.zero.fp32_partitioned_groups_flat
         elif isinstance(self.zero, DeepSpeedZeroOptimizer):
             self.grad_slice = ogpsa_core.ZeroGradSlice(self.zero, self.params)
-            self.masters = self.zero.single_partition_of_fp32_groups
         else:
             raise SystemExit(f"DeepSpeed chose {type(self.zero).__name__}, whose gradient partitions OGPSA cannot "
                              "reach (ZeRO-1 with bf16 and float32 gradient accumulation does this): use ZeRO-2, or "
                              "set data_types.grad_accum_dtype to bf16")
+        self.masters = [master for _, master in self.grad_slice.masters()]
+        zero_config = accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"]
+        self.partition_settings = {k: v for k, v in zero_config.items()
+                                   if k in PARTITION_KEYS and v not in (PARTITION_KEYS[k], "auto")}
 
     def micro_batch(self, sync):
         self.engine.set_gradient_accumulation_boundary(sync)
@@ -432,9 +517,21 @@ class DeepSpeedBackend(Backend):
         self.engine.backward(loss, scale_wrt_gas=False)  # the loss is already normalised over the whole step
 
     def clip_and_step(self, max_norm):
+        if not self.grad_slice.offload:
+            self.engine.step()
+            return torch.as_tensor(self.engine.get_global_grad_norm())
+        norm = self.grad_slice.norm()
+        if max_norm > 0:  # torch.nn.utils.clip_grad_norm_'s rule
+            self.grad_slice.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
         self.engine.step()
-        norm = self.engine.get_global_grad_norm()
-        return torch.as_tensor(float("nan") if norm is None else norm)
+        return norm
+
+    def stepped_norm(self, stats, clip_norm):
+        """(the norm the guard compares, DeepSpeed's own norm of the gradient it stepped with): under offload
+        DeepSpeed took its norm during backward, before the projection."""
+        if self.grad_slice.offload:
+            return stats.grad_norm, self.engine.get_global_grad_norm()
+        return stats.grad_norm_projected, float(clip_norm)
 
     def zero_grad(self):
         """Forget a gradient that was read but not stepped (reference collection), as `step()` would."""
@@ -448,6 +545,10 @@ class DeepSpeedBackend(Backend):
             self.zero.micro_step_id = 0
         else:
             self.zero.micro_step_id = -1  # as step() leaves it: the next backward starts a fresh accumulation
+        if self.grad_slice.offload:  # the gradient step() would read, on the CPU
+            for master in self.masters:
+                if master.grad is not None:
+                    master.grad.zero_()
 
     def optimizer_state(self):
         """This rank's float32 master partition and the state of the optimizer that updates it."""

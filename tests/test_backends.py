@@ -1,12 +1,19 @@
-"""DDP and DeepSpeed ZeRO-1/2/3 with 2 CPU processes (gloo) against the single-process run.
+"""DDP and DeepSpeed ZeRO-0/1/2/3 (with and without CPU offload) with 2-3 CPU processes (gloo) against one process.
+
+The DeepSpeed runs use LLaMA-Factory's stock config files byte for byte (accelerate_configs/ds_z*_config.json),
+which set round_robin_gradients, comms_config and monitor_config: what users pass is what the tests run.
 
 Tolerance: weights within 1e-5 relative. Both runs see the same samples in every micro-batch and normalise the
 loss by the global number of tokens (pairs), so they compute the same function; only the float32 summation order
-differs (all-reduce or reduce-scatter of two partial sums versus one sum), which moves weights by ~1e-7.
+differs (all-reduce or reduce-scatter of two partial sums versus one sum), which moves weights by ~1e-7 (measured
+1e-8 to 7e-7). A projection that edits the wrong entries moves them by ~1e-2 (round_robin_gradients before the fix:
+9e-3). max_abs_cos after projection: float32 rounding leaves ~1e-6; the bug left 0.09-0.18; the bound is 1e-3.
 """
 
+import hashlib
 import json
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -15,15 +22,29 @@ import torch
 from helpers import load_weights, read_log, run_script, weights_relative_difference
 from test_dpo import dpo_args
 from test_sft_e2e import sft_args
-from train_utils import build_parser, check_args, configure_deepspeed, make_projector
+from train_utils import PARTITION_KEYS, build_parser, check_args, configure_deepspeed, make_projector
 
-BACKENDS = {
-    "ddp": [],
-    "zero1": ["--deepspeed", "accelerate_configs/ds_z1_config.json"],
-    "zero2": ["--deepspeed", "accelerate_configs/ds_z2_config.json"],
-    "zero3": ["--deepspeed", "accelerate_configs/ds_z3_config.json"],
+CONFIGS = Path(__file__).resolve().parents[1] / "accelerate_configs"
+# sha256 of LLaMA-Factory's examples/deepspeed/*.json (the files the reference commands pass); ds_z1 is ours, in the
+# same form (stage 1 of the stock ds_z2 file).
+STOCK_SHA256 = {
+    "ds_z0_config.json": "e6ae99c0aea29574a996817120198a68aacb39ed8d300726dc871a6783f75696",
+    "ds_z2_config.json": "86ff636c65649af30ba6f32d0c5faeb8309b3ca1cb8a4afd8d4cfd9f37996cd8",
+    "ds_z3_config.json": "2ed81a7d135c5e50028f190f10c7f9a377eaedd6f1f0ffe9794e102070731adf",
+    "ds_z2_offload_config.json": "fe0feb28236ba581ab44c5ece35caca085c2628a14f0db33c48ff17be0130647",
+    "ds_z3_offload_config.json": "b6aa3335f4e227f02a84f5ea5770ff29db50eeab46a52a6dd88161959afa7a4a",
 }
+ZERO = {"zero0": "ds_z0_config.json", "zero1": "ds_z1_config.json", "zero2": "ds_z2_config.json",
+        "zero3": "ds_z3_config.json", "zero2_offload": "ds_z2_offload_config.json",
+        "zero3_offload": "ds_z3_offload_config.json"}
+BACKENDS = {"ddp": [], **{name: ["--deepspeed", f"accelerate_configs/{file}"] for name, file in ZERO.items()}}
 SCRIPTS = {"sft": ("train_sft_pg.py", sft_args), "dpo": ("train_dpo_pg.py", dpo_args)}
+MAX_COS = 1e-3
+
+
+def test_configs_are_llama_factorys_stock_files():
+    for name, digest in STOCK_SHA256.items():
+        assert hashlib.sha256((CONFIGS / name).read_bytes()).hexdigest() == digest, name
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +65,10 @@ def single_runs(tiny_model, tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("backend", list(BACKENDS))
-@pytest.mark.parametrize("script", list(SCRIPTS))
+TWO_PROCESS_RUNS = [(backend, "sft") for backend in BACKENDS] + [(b, "dpo") for b in ("ddp", "zero1", "zero2", "zero3")]
+
+
+@pytest.mark.parametrize("backend, script", TWO_PROCESS_RUNS)
 @pytest.mark.parametrize("scope", ["per_param", "global"])
 def test_two_processes_equal_one(tiny_model, tmp_path, single_runs, backend, script, scope):
     path, make_args = SCRIPTS[script]
@@ -54,17 +77,89 @@ def test_two_processes_equal_one(tiny_model, tmp_path, single_runs, backend, scr
     single = single_runs(script, scope)
     assert weights_relative_difference(load_weights(single), load_weights(tmp_path)) <= 1e-5
     assert read_log(tmp_path)[-1]["loss"] == pytest.approx(read_log(single)[-1]["loss"], rel=1e-5)
+    assert all(record["max_abs_cos"] < MAX_COS for record in read_log(tmp_path))
 
 
-@pytest.mark.parametrize("backend", ["zero2", "zero3"])
-def test_three_processes_equal_one(tiny_model, tmp_path, single_runs, backend):
+@pytest.mark.parametrize("backend", ["zero0", "zero2", "zero3", "zero2_offload", "zero3_offload"])
+@pytest.mark.parametrize("scope", ["per_param", "global"])
+def test_three_processes_equal_one(tiny_model, tmp_path, single_runs, backend, scope):
     """Three ranks: the tiny model's tensor sizes are not multiples of 3, so ZeRO pads partitions and splits
     parameters across rank boundaries at odd offsets, which two ranks never do."""
     assert any(weight.numel() % 3 for weight in load_weights(tiny_model).values())
-    run_script("train_sft_pg.py", sft_args(tiny_model, tmp_path, base_scope="per_param",
-                                           per_device_train_batch_size=2, max_steps=4) + BACKENDS[backend], nproc=3)
-    single = single_runs("sft", "per_param", batch_size=6)
+    run_script("train_sft_pg.py", sft_args(tiny_model, tmp_path, base_scope=scope, per_device_train_batch_size=2,
+                                           max_steps=4) + BACKENDS[backend], nproc=3)
+    single = single_runs("sft", scope, batch_size=6)
     assert weights_relative_difference(load_weights(single), load_weights(tmp_path)) <= 1e-5
+    assert all(record["max_abs_cos"] < MAX_COS for record in read_log(tmp_path))
+
+
+# Each zero_optimization key that moves gradient partitions, flipped from the stock file one at a time.
+EXACT_SETTINGS = [
+    ("zero2", {"round_robin_gradients": False}),
+    ("zero2", {"overlap_comm": True}),
+    ("zero2", {"contiguous_gradients": False}),
+    ("zero2", {"reduce_scatter": False}),
+    ("zero2", {"reduce_bucket_size": 2000}),  # many buckets
+    ("zero2", {"allgather_bucket_size": 2000}),
+    ("zero2", {"use_multi_rank_bucket_allreduce": False}),
+    ("zero3", {"stage3_param_persistence_threshold": 0}),  # the stock "auto" keeps small parameters whole
+    ("zero3", {"sub_group_size": 3000}),  # several sub-groups
+    ("zero3", {"stage3_max_live_parameters": 1000}),
+    ("zero3", {"overlap_comm": True}),
+    ("zero3", {"contiguous_gradients": False}),
+    ("zero3", {"reduce_bucket_size": 2000}),
+]
+
+
+def flipped_config(tmp_path, backend, zero=None, **top):
+    config = json.loads((CONFIGS / ZERO[backend]).read_text())
+    config["zero_optimization"].update(zero or {})
+    config.update(top)
+    path = tmp_path / "ds_config.json"
+    path.write_text(json.dumps(config))
+    return ["--deepspeed", path]
+
+
+@pytest.mark.parametrize("backend, zero", EXACT_SETTINGS, ids=[f"{b}-{next(iter(z))}" for b, z in EXACT_SETTINGS])
+def test_each_partition_setting_is_exact(tiny_model, tmp_path, single_runs, backend, zero):
+    assert set(zero) <= set(PARTITION_KEYS)
+    run_script("train_sft_pg.py", sft_args(tiny_model, tmp_path / "run", per_device_train_batch_size=2, max_steps=4)
+               + flipped_config(tmp_path, backend, zero), nproc=2)
+    assert weights_relative_difference(load_weights(single_runs("sft", "per_param")), load_weights(tmp_path / "run")) \
+        <= 1e-5
+    assert all(record["max_abs_cos"] < MAX_COS for record in read_log(tmp_path / "run"))
+
+
+def test_bfloat16_gradient_accumulation_projects_at_bfloat16_precision(tiny_model, tmp_path, single_runs):
+    """data_types.grad_accum_dtype bf16 with float32 weights (ZeRO-3): the gradient is accumulated and projected in
+    bfloat16, 8 significant bits, so max_abs_cos stays below 4 x 2^-8 (measured 2e-3 to 4e-3) and the weights
+    drift from the float32 run by the rounding of 4 steps' gradients (measured 4.8e-4; bound 4e-3)."""
+    run_script("train_sft_pg.py", sft_args(tiny_model, tmp_path / "run", per_device_train_batch_size=2, max_steps=4)
+               + flipped_config(tmp_path, "zero3", data_types={"grad_accum_dtype": "bf16"}), nproc=2)
+    single = load_weights(single_runs("sft", "per_param"))
+    assert 0 < weights_relative_difference(single, load_weights(tmp_path / "run")) <= 4e-3
+    assert all(record["max_abs_cos"] < 4 * 2.0 ** -8 for record in read_log(tmp_path / "run"))
+
+
+@pytest.mark.parametrize("key, value", [("zero_quantized_gradients", True), ("zero_quantized_weights", True),
+                                        ("zero_hpz_partition_size", 2)])
+def test_zero_plus_plus_settings_are_refused_by_name(key, value):
+    with pytest.raises(SystemExit, match=f"zero_optimization.{key}"):
+        configure_deepspeed(ds_config(stage=3, **{key: value}), flags(), world_size=2)
+
+
+@pytest.mark.parametrize("mode, message", [
+    ("hp_mapping", "but the optimizer stepped with one of norm"),  # the mapping before the fix: other memory
+    ("swapped", "parameter pieces are not where the projection's coordinates put them"),  # right memory, wrong map
+])
+def test_guard_stops_a_wrong_slice_mapping(tiny_model, tmp_path, mode, message):
+    result = run_script("tests/workers/sabotage_worker.py", [mode] + sft_args(tiny_model, tmp_path, max_steps=2,
+                                                                             per_device_train_batch_size=2)
+                        + BACKENDS["zero2"], nproc=2, expect_ok=False)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "OGPSA guard" in output and message in output
+    assert "round_robin_gradients=True" in output  # names the stock file's non-default partition setting
+    assert not (tmp_path / "model.safetensors").exists()
 
 
 def test_update_projection_under_ddp_equals_one_process(tiny_model, tmp_path):
@@ -98,7 +193,7 @@ def plain_step(tiny_model, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("backend", ["single", "ddp", "zero1", "zero2", "zero3"])
+@pytest.mark.parametrize("backend", ["single", "ddp", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload"])
 def test_clipping_sees_the_projected_gradient(tiny_model, tmp_path, plain_step, backend):
     """threshold + base_scale 0.1 with the reference set equal to the batch: g' = 0.1 g, 10x below its norm.
 
@@ -150,8 +245,6 @@ def ds_config(**zero):
 
 
 def flags(**kw):
-    from types import SimpleNamespace
-
     return SimpleNamespace(**{"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2,
                               "max_grad_norm": 1.0, **kw})
 
@@ -166,10 +259,17 @@ def test_deepspeed_auto_values_come_from_the_flags():
     assert config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
 
 
+def test_offload_moves_clipping_to_the_backend():
+    """DeepSpeed takes the norm during backward under offload: the backend clips the projected gradient instead."""
+    config = json.loads((CONFIGS / "ds_z2_offload_config.json").read_text())
+    configure_deepspeed(config, flags(), world_size=2)
+    assert config["gradient_clipping"] == 0.0
+
+
 @pytest.mark.parametrize("config, message", [
-    (ds_config(offload_optimizer={"device": "cpu"}), "zero_optimization.offload_optimizer is not supported"),
-    (ds_config(stage=3, offload_param={"device": "cpu"}), "zero_optimization.offload_param is not supported"),
-    (ds_config(stage=0), "zero_optimization.stage 0"),
+    (ds_config(offload_optimizer={"device": "nvme"}), "zero_optimization.offload_optimizer.device nvme"),
+    (ds_config(stage=3, offload_param={"device": "nvme"}), "zero_optimization.offload_param.device nvme"),
+    (ds_config(stage=4), "zero_optimization.stage 4"),
     ({**ds_config(), "fp16": {"enabled": True}}, "fp16.enabled is not supported"),
     ({**ds_config(), "optimizer": {"type": "AdamW"}}, "has a 'optimizer' section"),
     ({**ds_config(), "gradient_clipping": 0.5}, "gradient_clipping=0.5 but --max_grad_norm gives 1.0"),

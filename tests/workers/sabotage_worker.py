@@ -1,0 +1,50 @@
+"""Run train_sft_pg.py under ZeRO-1/2 with a deliberately wrong gradient-slice mapping: the guard must stop it.
+
+    torchrun --nproc_per_node 2 tests/workers/sabotage_worker.py MODE [train_sft_pg.py flags]
+
+MODE hp_mapping: the mapping this project used before (DeepSpeed's per-parameter `_hp_mapping` fragments), which
+is wrong under round_robin_gradients. MODE swapped: the right mapping with two parameters of equal size swapped, a
+wrong map whose edited memory is still exactly what DeepSpeed steps with (only the master-value check sees it).
+"""
+
+import sys
+
+import ogpsa_core
+import train_sft_pg
+
+
+class HpMappingSlice(ogpsa_core.ZeroGradSlice):
+    def __init__(self, zero_optimizer, params):
+        super().__init__(zero_optimizer, params)
+        index = {id(p): i for i, p in enumerate(params)}
+        self.segments, self._owned, start = [], [], 0
+        for group in zero_optimizer.bit16_groups:
+            for param in group:
+                if getattr(param, "_hp_mapping", None) is not None:
+                    address = param._hp_mapping.lp_fragment_address
+                    self.segments.append(ogpsa_core.Segment(index[id(param)], start, address.numel, address.start))
+                    self._owned.append(param)
+                    start += address.numel
+        self.numel = start
+
+    def pieces(self):
+        views = [p._hp_mapping.get_lp_grad_fragment(p._index_in_param_group).view(-1) for p in self._owned]
+        return ogpsa_core.merge_adjacent_views(views, [s.start for s in self.segments])
+
+
+class SwappedSlice(ogpsa_core.ZeroGradSlice):
+    def __init__(self, zero_optimizer, params):
+        super().__init__(zero_optimizer, params)
+        whole = [i for i, s in enumerate(self.segments)
+                 if s.param_start == 0 and s.length == params[s.param_index].numel()]
+        first, second = next((i, j) for i in whole for j in whole if i < j
+                             and self.segments[i].length == self.segments[j].length)
+        a, b = self.segments[first], self.segments[second]
+        self.segments[first] = ogpsa_core.Segment(b.param_index, a.start, a.length, a.param_start)
+        self.segments[second] = ogpsa_core.Segment(a.param_index, b.start, b.length, b.param_start)
+
+
+if __name__ == "__main__":
+    mode = sys.argv.pop(1)
+    ogpsa_core.ZeroGradSlice = {"hp_mapping": HpMappingSlice, "swapped": SwappedSlice}[mode]
+    train_sft_pg.main()
