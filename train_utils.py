@@ -299,6 +299,8 @@ def configure_deepspeed(config, args, world_size):
         # With optimizer offload DeepSpeed takes the clip norm during backward, before the projection runs: the
         # backend clips the projected gradient itself, so DeepSpeed must not clip again.
         config["gradient_clipping"] = 0.0
+        if args.optim == "sgd":  # else Accelerate swaps any optimizer for DeepSpeedCPUAdam (AdamW: the same update)
+            config["zero_force_ds_cpu_optimizer"] = False
     if config.get("fp16", {}).get("enabled") is True:
         raise SystemExit("DeepSpeed fp16.enabled is not supported: use bf16 (--bf16 True)")
     for key in ("optimizer", "scheduler"):

@@ -246,7 +246,7 @@ def ds_config(**zero):
 
 def flags(**kw):
     return SimpleNamespace(**{"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2,
-                              "max_grad_norm": 1.0, **kw})
+                              "max_grad_norm": 1.0, "optim": "adamw_torch", **kw})
 
 
 def test_deepspeed_auto_values_come_from_the_flags():
@@ -259,11 +259,14 @@ def test_deepspeed_auto_values_come_from_the_flags():
     assert config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
 
 
-def test_offload_moves_clipping_to_the_backend():
-    """DeepSpeed takes the norm during backward under offload: the backend clips the projected gradient instead."""
-    config = json.loads((CONFIGS / "ds_z2_offload_config.json").read_text())
-    configure_deepspeed(config, flags(), world_size=2)
-    assert config["gradient_clipping"] == 0.0
+def test_offload_moves_clipping_to_the_backend_and_keeps_sgd():
+    """DeepSpeed takes the norm during backward under offload: the backend clips the projected gradient instead.
+    Accelerate would swap --optim sgd for DeepSpeedCPUAdam; AdamW becomes DeepSpeedCPUAdam in AdamW mode."""
+    for optim, keeps_torch_optimizer in [("adamw_torch", False), ("sgd", True)]:
+        config = json.loads((CONFIGS / "ds_z2_offload_config.json").read_text())
+        configure_deepspeed(config, flags(optim=optim), world_size=2)
+        assert config["gradient_clipping"] == 0.0
+        assert (config.get("zero_force_ds_cpu_optimizer") is False) == keeps_torch_optimizer
 
 
 @pytest.mark.parametrize("config, message", [
