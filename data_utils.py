@@ -411,6 +411,14 @@ def num_targets(labels):
 # Loading
 # ---------------------------------------------------------------------------------------------------------------
 
+def is_ranking(name, dataset_dir):
+    """Whether dataset `name` holds preference pairs (dataset_info.json's "ranking", else chosen/rejected columns)."""
+    spec = resolve_dataset(name, dataset_dir)
+    if spec.columns == {}:
+        spec = infer_format(spec, read_rows(spec))
+    return spec.ranking
+
+
 def load_conversations(name, dataset_dir, ranking, max_samples=None):
     spec = resolve_dataset(name, dataset_dir)
     rows = read_rows(spec)
@@ -505,10 +513,10 @@ class StepSampler:
     sees, micro-batch by micro-batch, the same samples as one process with batch N x B.
     """
 
-    def __init__(self, num_samples, per_device_batch, world_size, rank, grad_accum, seed, shuffle=True):
+    def __init__(self, num_samples, per_device_batch, world_size, rank, grad_accum, seed):
         self.num_samples, self.per_device_batch = num_samples, per_device_batch
         self.world_size, self.rank, self.grad_accum = world_size, rank, grad_accum
-        self.seed, self.shuffle = seed, shuffle
+        self.seed = seed
         self.global_batch = per_device_batch * world_size * grad_accum
         self.steps_per_epoch = math.ceil(num_samples / self.global_batch)
         self._order = (None, None)  # (epoch, permutation): made once per epoch, not once per call
@@ -516,8 +524,7 @@ class StepSampler:
     def order(self, epoch):
         if self._order[0] != epoch:
             generator = torch.Generator().manual_seed(self.seed + epoch)
-            self._order = (epoch, torch.randperm(self.num_samples, generator=generator) if self.shuffle
-                           else torch.arange(self.num_samples))
+            self._order = (epoch, torch.randperm(self.num_samples, generator=generator))
         return self._order[1]
 
     def step_indices(self, step):

@@ -19,12 +19,18 @@ Scopes:
                its segment-wise partial sums are added by the all-reduce.
 
 Backends (single process, DDP, DeepSpeed ZeRO) differ only in where the gradient lives; a `GradSlice` tells the
-projection which flat views this rank owns and how they map onto parameters.
+projection which flat views this rank owns and how they map onto parameters. This file holds the interface and
+the slice of a replicated gradient (one process, DDP); the ZeRO slices are in backends.py, beside the DeepSpeed
+internals they read.
+
+Contents: gradient slices; basis construction (`orthonormal_coefficients`); the projection (`Projector`);
+reference-gradient collection and refresh (`ReferenceSet`, `ReferenceGradients`); projecting the optimizer's step
+(`UpdateProjector`, --base_project_update). Nothing here imports the rest of the project.
 """
 
 import bisect
-import itertools
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -149,123 +155,6 @@ class ReplicatedGradSlice(GradSlice):
 
     def zero_(self):
         self.flat.zero_()
-
-
-class ZeroGradSlice(GradSlice):
-    """DeepSpeed ZeRO-1/2: this rank's partition of every parameter group's gradient.
-
-    The local coordinates are DeepSpeed's own partition coordinates: group g's partition (`partition_size[g]`
-    entries) follows group g - 1's, and each parameter's piece sits where DeepSpeed's partition tables put it
-    (`params_in_partition`, `grad_partition_insertion_offset`, `grad_start_offset`: the tables by which `step()`
-    assembles the gradient it clips and steps with). They are also the coordinates of the float32 master partition.
-    DeepSpeed's per-parameter `_hp_mapping` is not used: under `round_robin_gradients` (LLaMA-Factory's stock
-    ds_z2_config.json) it lists parameters in model order while the partition holds them reordered.
-
-    Where the gradient is between the last backward of a step and `engine.step()`: `averaged_gradients[g]`, a list
-    of views that step() concatenates into the partition; under optimizer offload, the float32 partition's `.grad`
-    on the CPU, which backward fills and step() reads.
-    """
-
-    sharded = True
-
-    def __init__(self, zero_optimizer, params):
-        index = {id(p): i for i, p in enumerate(params)}
-        self._zero = zero_optimizer
-        self.num_params = len(params)
-        self.offload = bool(zero_optimizer.cpu_offload)
-        self.segments, self.group_starts, start = [], [], 0
-        for group, size in enumerate(zero_optimizer.partition_size):
-            rank = dist.get_rank(group=zero_optimizer.real_dp_process_group[group])
-            for param in zero_optimizer.params_in_partition[group]:
-                param_id = zero_optimizer.get_param_id(param)
-                source = int(zero_optimizer.grad_start_offset[group][rank][param_id])
-                dest = int(zero_optimizer.grad_partition_insertion_offset[group][rank][param_id])
-                self.segments.append(Segment(index[id(param)], start + dest,
-                                             min(param.numel() - source, int(size) - dest), source))
-            self.group_starts.append(start)
-            start += int(size)
-        masters = zero_optimizer.single_partition_of_fp32_groups
-        self.numel, self.device = start, masters[0].device
-        self.dtype = masters[0].dtype if self.offload else zero_optimizer.gradient_accumulation_dtype
-
-    def masters(self):
-        return list(zip(self.group_starts, self._zero.single_partition_of_fp32_groups))
-
-    def local_values(self, param, segment):
-        return param.data.view(-1)[segment.param_start:segment.param_start + segment.length]
-
-    def pieces(self):
-        if self.offload:
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()  # backward's copies into the CPU buffers are asynchronous
-            return [(start, master.grad) for start, master in self.masters()]
-        pieces = []
-        for group, start in enumerate(self.group_starts):
-            views = self._zero.averaged_gradients.get(group)
-            if views is None:
-                raise RuntimeError("DeepSpeed holds no reduced gradient for this step: project between the last "
-                                   "backward of an optimizer step and engine.step()")
-            starts = [start + offset for offset in itertools.accumulate([0] + [v.numel() for v in views[:-1]])]
-            pieces += merge_adjacent_views([v.view(-1) for v in views], starts)
-        self._check_covered(pieces)
-        return pieces
-
-    def _check_covered(self, pieces):
-        """Every segment lies inside one view and the views fill the partition, as DeepSpeed's tables say."""
-        starts = [start for start, _ in pieces]
-        for segment in self.segments:
-            i = bisect.bisect_right(starts, segment.start) - 1
-            if i < 0 or segment.start + segment.length > starts[i] + pieces[i][1].numel():
-                raise RuntimeError(f"DeepSpeed's gradient partition does not hold parameter {segment.param_index} "
-                                   "where its partition tables say; the projection would edit the wrong entries")
-        if sum(view.numel() for _, view in pieces) != self.numel:
-            raise RuntimeError("DeepSpeed's gradient partition is not the size its partition tables give")
-
-
-class Zero3GradSlice(GradSlice):
-    """DeepSpeed ZeRO-3: one contiguous buffer holds this rank's partition of every parameter's gradient.
-
-    Partition r of a parameter covers its flattened entries [r x n, (r + 1) x n), n = `partition_numel()`; the
-    last rank's share ends in padding, which stays zero. `engine.step()` reads the clip norm and the update from
-    this buffer, so projecting it in place before the step is exact. The buffer's layout is the concatenation of the
-    float32 master sub-groups; under optimizer offload step() reads their `.grad` on the CPU instead, which
-    backward filled from the buffer.
-    """
-
-    sharded = True
-
-    def __init__(self, zero_optimizer, params):
-        index = {id(p): i for i, p in enumerate(params)}
-        rank = dist.get_rank(group=zero_optimizer.dp_process_group)
-        self.num_params = len(params)
-        self._zero = zero_optimizer
-        self.offload = bool(zero_optimizer.offload_optimizer)
-        self.segments, self.group_starts, start = [], [], 0
-        for group in zero_optimizer.fp16_groups:
-            self.group_starts.append(start)
-            for param in group:
-                size = param.partition_numel()
-                owned = min(size, max(0, param.ds_numel - rank * size))
-                if owned:
-                    self.segments.append(Segment(index[id(param)], start, owned, rank * size))
-                start += size
-        self.numel = start
-        gradient = (zero_optimizer.fp32_partitioned_groups_flat[0] if self.offload
-                    else zero_optimizer.grad_partitions_flat_buffer)
-        self.device, self.dtype = gradient.device, gradient.dtype
-
-    def masters(self):
-        return list(zip(self.group_starts, self._zero.fp32_partitioned_groups_flat))
-
-    def local_values(self, param, segment):
-        return param.ds_tensor.data.view(-1)[:segment.length]
-
-    def pieces(self):
-        if self.offload:
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            return [(start, master.grad) for start, master in self.masters()]
-        return [(0, self._zero.grad_partitions_flat_buffer)]
 
 
 def merge_adjacent_views(views, starts):
@@ -650,3 +539,87 @@ def read_gradient_(grad_slice, out):
     out.zero_()
     for start, view in grad_slice.pieces():
         out[start:start + view.numel()].copy_(view)
+
+
+class ReferenceSet:
+    """Reference samples plus how to batch them and which loss their gradient is taken of.
+
+    loss_sum(model, batch) returns the loss summed over the batch's units (tokens or pairs); weight(example)
+    is the number of units an example contributes, so every direction is the gradient of the mean over units.
+    """
+
+    def __init__(self, name, examples, collate, loss_sum, weight):
+        self.name, self.examples, self.collate, self.loss_sum, self.weight = name, examples, collate, loss_sum, weight
+
+
+class ReferenceGradients:
+    """The reference sets and how their directions are taken: the first `num_samples` examples of each set, split
+    into `num_directions` chunks, one direction per chunk (the gradient of the chunk's mean loss over its units),
+    in micro-batches of `batch_size` per process."""
+
+    def __init__(self, sets, num_samples, num_directions, batch_size):
+        self.sets, self.num_samples, self.num_directions, self.batch_size = sets, num_samples, num_directions, \
+            batch_size
+
+    def refresh(self, projector, backend, model, step, device):
+        """Collect the directions with the training backend and rebuild the basis; leaves no trace. Returns seconds.
+
+        `backend` runs the backward passes: `micro_batch(sync)`, `backward(loss)`, `grad_slice`, `zero_grad()`.
+        Each rank runs the same number of micro-batches (padding ones with zero weight), so collective backward
+        passes stay in step. The random state is restored afterwards, and the gradient is zeroed.
+        """
+        world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+        plans = [(ref, chunk) for ref in self.sets
+                 for chunk in reference_chunks(len(ref.examples), self.num_samples, self.num_directions)]
+        directions = torch.empty(len(plans), backend.grad_slice.numel, dtype=torch.float32,
+                                 device=backend.grad_slice.device)
+        start = time.perf_counter()
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            for k, (ref, chunk) in enumerate(plans):
+                units = sum(ref.weight(ref.examples[i]) for i in chunk)
+                batches = rank_micro_batches(chunk, rank, world, self.batch_size)
+                for j, indices in enumerate(batches):
+                    scale = world / units if indices else 0.0
+                    batch = ref.collate([ref.examples[i] for i in (indices or chunk[:1])])
+                    batch = {key: value.to(device) for key, value in batch.items()}
+                    with backend.micro_batch(sync=j == len(batches) - 1):
+                        backend.backward(ref.loss_sum(model, batch) * scale)
+                read_gradient_(backend.grad_slice, directions[k])
+                backend.zero_grad()
+        projector.set_directions_(directions, step)
+        return time.perf_counter() - start
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Projecting the optimizer's step (--base_project_update)
+# ---------------------------------------------------------------------------------------------------------------
+
+class UpdateProjector:
+    """Project the optimizer's parameter step too: theta <- before + P(theta - before).
+
+    AdamW rescales every coordinate, so the step it takes from a projected gradient keeps a component in the
+    basis. `snapshot()` before the optimizer step keeps one copy of the parameters; `project_()` after it stages
+    the change in the gradient buffer (free after the step), projects it there with the same basis and scope, and
+    writes the parameters back. For replicated gradients (one process, DDP), whose flat buffer has the
+    parameters' layout.
+    """
+
+    def __init__(self, projector, params):
+        self.projector, self.params = projector, params
+        self.change = projector.grad_slice.flat
+        self.before = torch.empty_like(self.change)
+
+    @torch.no_grad()
+    def snapshot(self):
+        torch.cat([p.reshape(-1) for p in self.params], out=self.before)
+
+    @torch.no_grad()
+    def project_(self, diagnostics=False):
+        """Returns the projection's stats on diagnostic steps."""
+        torch.cat([p.reshape(-1) for p in self.params], out=self.change).sub_(self.before)
+        stats = self.projector.project_(diagnostics)
+        self.before.add_(self.change)
+        for param, segment in zip(self.params, self.projector.grad_slice.segments):
+            param.copy_(self.before[segment.start:segment.start + segment.length].view_as(param))
+        self.change.zero_()
+        return stats

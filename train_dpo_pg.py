@@ -23,12 +23,13 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import set_seed
 
-from data_utils import DataError, StepSampler, collate_pairs, collate_sft, load_tokenized
-from train_utils import (MetricLog, ReferenceSet, build_optimizer, build_parser, build_scheduler, check_args,
-                         finish_run, flag, is_save_step, load_checkpoint, load_model, load_tokenizer, make_accelerator,
-                         make_backend, make_projector, prepare_output_dir, prepare_reference_model, refresh_basis,
-                         response_nll_sum, save_checkpoint, step_record, to_device, token_logps, total_optimizer_steps,
-                         write_json)
+from backends import make_backend, prepare_reference_model
+from checkpoint import Checkpointer, is_save_step, prepare_output_dir, write_json
+from data_utils import DataError, StepSampler, collate_pairs, collate_sft, is_ranking, load_tokenized
+from ogpsa_core import ReferenceGradients, ReferenceSet, UpdateProjector
+from train_utils import (MetricLog, build_optimizer, build_parser, build_scheduler, check_args, end_run, flag,
+                         load_model, load_tokenizer, make_accelerator, make_projector, projection_scalars,
+                         response_nll_sum, response_positions, to_device, token_logps, total_optimizer_steps)
 
 
 LOSSES = ("sigmoid", "ipo", "hinge")
@@ -61,16 +62,18 @@ def preference_loss(chosen_logratios, rejected_logratios, loss_type, beta, label
 
 
 def pair_logps(model, batch, average):
-    """Response log-probabilities of a collate_pairs batch: (chosen (B,), rejected (B,), chosen mean-token (B,)).
+    """Response log-probabilities of a collate_pairs batch (B pairs: chosen rows first, then rejected).
 
-    Sums over response tokens, or means when `average` (IPO). Prompt tokens never count: their labels are ignored.
+    Returns chosen (B,), rejected (B,), the chosen responses' mean-token log-probability (B,), and the logits
+    (2B, T, vocab) for any extra loss term. Sums over response tokens, or means when `average` (IPO). Prompt
+    tokens never count: their labels are ignored.
     """
-    logps = token_logps(model, batch)
-    counts = (batch["labels"][:, 1:] != -100).sum(-1)
+    logps, logits = token_logps(model, batch)
+    counts = response_positions(batch).sum(-1)
     sums = logps.sum(-1)
     values = sums / counts if average else sums
     chosen, rejected = values.chunk(2)
-    return chosen, rejected, sums.chunk(2)[0] / counts.chunk(2)[0]
+    return chosen, rejected, sums.chunk(2)[0] / counts.chunk(2)[0], logits
 
 
 @torch.no_grad()
@@ -86,7 +89,7 @@ def reference_logps(ref_model, examples, pad, batch_size, average, device, accel
     for start in range(0, math.ceil(len(examples) / world), batch_size):
         indices = mine[start:start + batch_size]
         batch = collate_pairs([examples[i] for i in (indices or [0])], pad)
-        chosen, rejected, _ = pair_logps(ref_model, to_device(batch, device), average)
+        chosen, rejected, _, _ = pair_logps(ref_model, to_device(batch, device), average)
         if indices:
             table[indices] = torch.stack([chosen, rejected], -1).float()
     if world > 1:
@@ -123,26 +126,23 @@ def main():
     average = args.pref_loss == "ipo"
 
     # ---- data -------------------------------------------------------------------------------------------------
-    weights_from = args.resume_from_checkpoint or args.model_name_or_path
-    tokenizer = load_tokenizer(weights_from, args)
+    start_from = args.resume_from_checkpoint or args.model_name_or_path  # resuming: the checkpoint's weights
+    tokenizer = load_tokenizer(start_from, args)
     pad = tokenizer.pad_token_id
     with accelerator.main_process_first():
         examples = load_tokenized(args.dataset, args, tokenizer, ranking=True, log=log)
         reference_pairs = {}  # name -> pair examples whose reference log-probs the dpo base loss needs
         reference_sets = []
         for name in (args.base_dataset.split(",") if args.base_method != "none" else []):
-            try:
-                ref = load_tokenized(name, args, tokenizer, ranking=True, log=log)
-            except DataError as err:
-                if "is not preference pairs" not in str(err):
-                    raise
+            if not is_ranking(name, args.dataset_dir):  # SFT data: its likelihood is the only loss it has
                 if args.base_loss != "sft":
-                    raise DataError(f"{err}: --base_loss {args.base_loss} needs preference pairs; pass "
-                                    "--base_loss sft to take the gradient of an SFT reference set") from None
+                    raise DataError(f"reference set '{name}' is not preference pairs: --base_loss {args.base_loss} "
+                                    "needs pairs; pass --base_loss sft to take the gradient of an SFT reference set")
                 ref = load_tokenized(name, args, tokenizer, ranking=False, log=log)
                 reference_sets.append(ReferenceSet(name, ref, lambda b: collate_sft(b, pad), response_nll_sum,
                                                    lambda e: e["num_targets"]))
                 continue
+            ref = load_tokenized(name, args, tokenizer, ranking=True, log=log)
             if len(ref) < args.base_num_samples:
                 log(f"reference set {name} has {len(ref)} pairs (< --base_num_samples {args.base_num_samples}): "
                     "using all of them")
@@ -157,7 +157,7 @@ def main():
                 reference_pairs[name] = ref
 
     # ---- policy, reference model, optimizer, schedule, projection ---------------------------------------------
-    model = load_model(weights_from, args)
+    model = load_model(start_from, args)
     optimizer = build_optimizer(model, args)
     model, optimizer = accelerator.prepare(model, optimizer)
     backend = make_backend(accelerator, model, optimizer)
@@ -166,16 +166,17 @@ def main():
     total_steps = total_optimizer_steps(args, sampler.steps_per_epoch)
     scheduler = build_scheduler(backend.scheduled_optimizer, args, total_steps)
     projector = make_projector(args, backend)
-    step, extra = 0, None
+    update_projector = UpdateProjector(projector, backend.params) if args.base_project_update else None
+    checkpoints = Checkpointer(args, accelerator, model, tokenizer, backend, scheduler, projector)
+    step, extra = 0, {}
     if args.resume_from_checkpoint:
-        step, extra = load_checkpoint(args.resume_from_checkpoint, args, accelerator, backend, scheduler, projector,
-                                      sampler.global_batch)
+        step, extra = checkpoints.load(args.resume_from_checkpoint, sampler.global_batch)
         log(f"resumed from {args.resume_from_checkpoint} at step {step}")
     first_step = step
     ref_model, ref_table = None, {}
-    if extra is not None and "ref_logps" in extra:  # precomputed before the interruption: nothing to reload
+    if "ref_logps" in extra:  # precomputed before the interruption: nothing to reload
         ref_table = {name: extra[f"ref_logps/{name}"] for name in ["train", *reference_pairs]}
-    else:
+    else:  # the initial policy (--model_name_or_path, also when resuming), unless --ref_model names another
         ref_model = prepare_reference_model(accelerator, load_model(args.ref_model or args.model_name_or_path, args))
         if args.precompute_ref_log_probs:
             for name, pairs in [("train", examples), *reference_pairs.items()]:
@@ -190,12 +191,12 @@ def main():
             values = ref_table[name][torch.tensor(indices, device=ref_table[name].device)].to(device)
             return values[:, 0], values[:, 1]
         with torch.no_grad():
-            chosen, rejected, _ = pair_logps(ref_model, batch, average)
+            chosen, rejected, _, _ = pair_logps(ref_model, batch, average)
         return chosen, rejected
 
     for name, pairs in reference_pairs.items():  # --base_loss dpo: the preference loss on reference pairs
         def dpo_sum(model_, batch, name=name, pairs=pairs):
-            chosen, rejected, _ = pair_logps(model_, batch, average)
+            chosen, rejected, _, _ = pair_logps(model_, batch, average)
             ref_chosen, ref_rejected = reference_for(name, pairs, batch["indices"].tolist(), batch)
             return preference_loss(chosen - ref_chosen, rejected - ref_rejected, args.pref_loss, args.pref_beta,
                                    args.dpo_label_smoothing).sum()
@@ -211,21 +212,21 @@ def main():
         + (f"{args.base_method}, {args.base_scope}, base loss {args.base_loss}, {len(reference_sets)} sets x "
            f"{args.base_directions} directions" if projector else "off"))
 
-    metrics = MetricLog(accelerator, args, total_steps, step)
-    tokens_seen = torch.as_tensor(extra["tokens_seen"] if extra else 0, dtype=torch.float64).to(device)
+    references = ReferenceGradients(reference_sets, args.base_num_samples, args.base_directions, args.base_batch_size)
+    metrics = MetricLog(accelerator, args, total_steps, step, extra.get("metric_totals"))
     refresh_seconds = None
     model.train()
     while step < total_steps:
         # ---- refresh the reference basis --------------------------------------------------------------------
         if projector is not None and step % args.base_num_steps == 0 and projector.refreshed_at != step:
-            refresh_seconds = refresh_basis(projector, backend, model, reference_sets, args, step, device)
+            refresh_seconds = references.refresh(projector, backend, model, step, device)
 
         # ---- forward and backward: the loss is the mean over the pairs of the global batch --------------------
         micro_batches = sampler.micro_batches(step)
         for m, indices in enumerate(micro_batches):
             batch = to_device(collate_pairs([examples[i] for i in indices], pad), device)
             with backend.micro_batch(sync=m == len(micro_batches) - 1):
-                chosen, rejected, chosen_mean = pair_logps(model, batch, average)
+                chosen, rejected, chosen_mean, logits = pair_logps(model, batch, average)  # logits: for extra terms
                 ref_chosen, ref_rejected = reference_for("train", examples, indices, batch)
                 losses = preference_loss(chosen - ref_chosen, rejected - ref_rejected, args.pref_loss,
                                          args.pref_beta, args.dpo_label_smoothing)
@@ -240,36 +241,39 @@ def main():
                                ("rewards/margins", chosen_rewards - rejected_rewards), ("logps/chosen", chosen),
                                ("logps/rejected", rejected)]:
                 metrics.add(key, value.sum(), len(indices))
-            tokens_seen += batch["attention_mask"].sum()
+            if args.include_num_input_tokens_seen:
+                metrics.count("num_input_tokens_seen", batch["attention_mask"].sum())
 
         # ---- project, clip, step ------------------------------------------------------------------------------
         log_now = (step + 1) % args.logging_steps == 0 or step + 1 == total_steps
         check_now = log_now or step == first_step  # the guard below runs on these steps
         stats = projector.project_(diagnostics=check_now) if projector is not None else None
         learning_rate = scheduler.get_last_lr()[0]
-        if args.base_project_update:  # AdamW rescales coordinates: project the step itself too
-            backend.snapshot_parameters()
+        if update_projector is not None:  # AdamW rescales coordinates: project the step itself too
+            update_projector.snapshot()
         grad_norm = backend.clip_and_step(args.max_grad_norm)
         if stats is not None:  # stop if the projection did not act on the gradient the optimizer stepped with
             backend.check_projection(stats, grad_norm, projector)
-        update_stats = backend.project_update_(projector, log_now) if args.base_project_update else None
+        update_stats = update_projector.project_(log_now) if update_projector is not None else None
         scheduler.step()
         step += 1
         metrics.bar.update(1)
 
         # ---- log and save -------------------------------------------------------------------------------------
         if log_now:
-            metrics.flush(step, step_record(args, accelerator, step, sampler.steps_per_epoch, learning_rate, grad_norm,
-                                            stats, projector, refresh_seconds, tokens_seen, update_stats))
+            metrics.flush(step, {"epoch": step / sampler.steps_per_epoch, "learning_rate": learning_rate,
+                                 "grad_norm": grad_norm}
+                          | projection_scalars(stats, projector, update_stats, refresh_seconds))
         if is_save_step(args, step, sampler.steps_per_epoch):
-            state = {"tokens_seen": tokens_seen}
+            state = {"metric_totals": metrics.totals}
             if ref_table and ref_model is None:
                 state["ref_logps"] = True
                 state.update({f"ref_logps/{name}": table for name, table in ref_table.items()})
-            save_checkpoint(args, accelerator, model, tokenizer, backend, scheduler, projector, step, state)
+            checkpoints.save(step, state)
 
-    finish_run(args, accelerator, model, tokenizer, metrics, step, ("loss", "rewards/accuracies", "removed_fraction"),
-               summary_keys=("rewards/accuracies",))
+    checkpoints.save_final_model()
+    metrics.finish(step, summary_keys=("rewards/accuracies",))
+    end_run(accelerator)
 
 
 if __name__ == "__main__":

@@ -19,14 +19,15 @@ Two CPU processes:       torchrun --nproc_per_node 2 train_sft_pg.py ...
 
 from pathlib import Path
 
-import torch
 from accelerate.utils import set_seed
 
+from backends import make_backend
+from checkpoint import Checkpointer, is_save_step, prepare_output_dir, write_json
 from data_utils import StepSampler, collate_sft, load_tokenized
-from train_utils import (MetricLog, ReferenceSet, build_optimizer, build_parser, build_scheduler, check_args,
-                         finish_run, is_save_step, load_checkpoint, load_model, load_tokenizer, make_accelerator,
-                         make_backend, make_projector, prepare_output_dir, refresh_basis, response_nll_sum,
-                         save_checkpoint, step_record, to_device, total_optimizer_steps, write_json)
+from ogpsa_core import ReferenceGradients, ReferenceSet, UpdateProjector
+from train_utils import (MetricLog, build_optimizer, build_parser, build_scheduler, check_args, end_run, load_model,
+                         load_tokenizer, make_accelerator, make_projector, projection_scalars, response_nll_sum,
+                         to_device, token_logps, total_optimizer_steps)
 
 
 def main():
@@ -38,8 +39,8 @@ def main():
     world, rank = accelerator.num_processes, accelerator.process_index
 
     # ---- data -------------------------------------------------------------------------------------------------
-    weights_from = args.resume_from_checkpoint or args.model_name_or_path
-    tokenizer = load_tokenizer(weights_from, args)
+    start_from = args.resume_from_checkpoint or args.model_name_or_path  # resuming: the checkpoint's weights
+    tokenizer = load_tokenizer(start_from, args)
     pad = tokenizer.pad_token_id
     with accelerator.main_process_first():
         examples = load_tokenized(args.dataset, args, tokenizer, ranking=False, log=log)
@@ -51,9 +52,10 @@ def main():
                     "using all of them")
             reference_sets.append(ReferenceSet(name, ref, lambda b: collate_sft(b, pad), response_nll_sum,
                                                lambda e: e["num_targets"]))
+    references = ReferenceGradients(reference_sets, args.base_num_samples, args.base_directions, args.base_batch_size)
 
     # ---- model, optimizer, schedule, projection ---------------------------------------------------------------
-    model = load_model(weights_from, args)
+    model = load_model(start_from, args)
     optimizer = build_optimizer(model, args)
     model, optimizer = accelerator.prepare(model, optimizer)
     backend = make_backend(accelerator, model, optimizer)
@@ -62,13 +64,13 @@ def main():
     total_steps = total_optimizer_steps(args, sampler.steps_per_epoch)
     scheduler = build_scheduler(backend.scheduled_optimizer, args, total_steps)
     projector = make_projector(args, backend)
-    step, extra = 0, None
+    update_projector = UpdateProjector(projector, backend.params) if args.base_project_update else None
+    checkpoints = Checkpointer(args, accelerator, model, tokenizer, backend, scheduler, projector)
+    step, extra = 0, {}
     if args.resume_from_checkpoint:
-        step, extra = load_checkpoint(args.resume_from_checkpoint, args, accelerator, backend, scheduler, projector,
-                                      sampler.global_batch)
+        step, extra = checkpoints.load(args.resume_from_checkpoint, sampler.global_batch)
         log(f"resumed from {args.resume_from_checkpoint} at step {step}")
     first_step = step
-    tokens_seen = torch.as_tensor(extra["tokens_seen"] if extra else 0, dtype=torch.float64).to(device)
     if accelerator.is_main_process:
         write_json(Path(args.output_dir, "training_args.json"), vars(args))
     log(f"{len(examples)} samples, {sampler.steps_per_epoch} steps per epoch, {total_steps} steps, global batch "
@@ -77,13 +79,13 @@ def main():
         + (f"{args.base_method}, {args.base_scope}, {len(reference_sets)} sets x {args.base_directions} directions"
            if projector else "off"))
 
-    metrics = MetricLog(accelerator, args, total_steps, step)
+    metrics = MetricLog(accelerator, args, total_steps, step, extra.get("metric_totals"))
     refresh_seconds = None
     model.train()
     while step < total_steps:
         # ---- refresh the reference basis --------------------------------------------------------------------
         if projector is not None and step % args.base_num_steps == 0 and projector.refreshed_at != step:
-            refresh_seconds = refresh_basis(projector, backend, model, reference_sets, args, step, device)
+            refresh_seconds = references.refresh(projector, backend, model, step, device)
 
         # ---- forward and backward: the loss is the mean over every response token of the global batch ---------
         step_targets = sum(examples[i]["num_targets"] for i in sampler.step_indices(step))
@@ -91,35 +93,39 @@ def main():
         for m, indices in enumerate(micro_batches):
             batch = to_device(collate_sft([examples[i] for i in indices], pad), device)
             with backend.micro_batch(sync=m == len(micro_batches) - 1):
-                nll = response_nll_sum(model, batch)
+                logps, logits = token_logps(model, batch)  # logits: for any extra loss term
+                nll = -logps.sum()
                 backend.backward(nll * (world / step_targets))  # DDP averages over ranks: scale back up
             metrics.add("loss", nll, sum(examples[i]["num_targets"] for i in indices))
-            tokens_seen += batch["attention_mask"].sum()
+            if args.include_num_input_tokens_seen:
+                metrics.count("num_input_tokens_seen", batch["attention_mask"].sum())
 
         # ---- project, clip, step ------------------------------------------------------------------------------
         log_now = (step + 1) % args.logging_steps == 0 or step + 1 == total_steps
         check_now = log_now or step == first_step  # the guard below runs on these steps
         stats = projector.project_(diagnostics=check_now) if projector is not None else None
         learning_rate = scheduler.get_last_lr()[0]
-        if args.base_project_update:  # AdamW rescales coordinates: project the step itself too
-            backend.snapshot_parameters()
+        if update_projector is not None:  # AdamW rescales coordinates: project the step itself too
+            update_projector.snapshot()
         grad_norm = backend.clip_and_step(args.max_grad_norm)
         if stats is not None:  # stop if the projection did not act on the gradient the optimizer stepped with
             backend.check_projection(stats, grad_norm, projector)
-        update_stats = backend.project_update_(projector, log_now) if args.base_project_update else None
+        update_stats = update_projector.project_(log_now) if update_projector is not None else None
         scheduler.step()
         step += 1
         metrics.bar.update(1)
 
         # ---- log and save -------------------------------------------------------------------------------------
         if log_now:
-            metrics.flush(step, step_record(args, accelerator, step, sampler.steps_per_epoch, learning_rate, grad_norm,
-                                            stats, projector, refresh_seconds, tokens_seen, update_stats))
+            metrics.flush(step, {"epoch": step / sampler.steps_per_epoch, "learning_rate": learning_rate,
+                                 "grad_norm": grad_norm}
+                          | projection_scalars(stats, projector, update_stats, refresh_seconds))
         if is_save_step(args, step, sampler.steps_per_epoch):
-            save_checkpoint(args, accelerator, model, tokenizer, backend, scheduler, projector, step,
-                            {"tokens_seen": tokens_seen})
+            checkpoints.save(step, {"metric_totals": metrics.totals})
 
-    finish_run(args, accelerator, model, tokenizer, metrics, step, ("loss", "removed_fraction"))
+    checkpoints.save_final_model()
+    metrics.finish(step)
+    end_run(accelerator)
 
 
 if __name__ == "__main__":

@@ -1,28 +1,25 @@
-"""Setup shared by train_sft_pg.py and train_dpo_pg.py: flags, model, backend, OGPSA refresh, checkpoints, logs.
+"""Setup shared by train_sft_pg.py and train_dpo_pg.py: flags, accelerator and model, losses, logs and plots.
 
-The training loops themselves live in the two scripts; this module holds what they would otherwise both copy.
+The training loops themselves live in the two scripts. The method is in ogpsa_core.py, the backends (one
+process, DDP, DeepSpeed ZeRO) in backends.py, checkpoints in checkpoint.py, data in data_utils.py.
 """
 
 import argparse
 import json
 import math
 import os
-import random
-import shutil
 import socket
 import time
-from contextlib import contextmanager, nullcontext
-from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
 import ogpsa_core
-from data_utils import IGNORE_INDEX, TEMPLATES
+from backends import configure_deepspeed
+from checkpoint import json_safe, resolve_resume, write_json, write_text_atomic
+from data_utils import IGNORE_INDEX, TEMPLATES, apply_template
 
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
               "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
@@ -171,40 +168,6 @@ def check_args(args, stage):
     return args
 
 
-def resolve_resume(args):
-    """The checkpoint to resume from, or None; refuses to silently overwrite an earlier run's checkpoints."""
-    resume = args.resume_from_checkpoint
-    if resume in (None, "", "False", "false"):
-        if checkpoints(args.output_dir) and not args.overwrite_output_dir:
-            raise SystemExit(f"{args.output_dir} already holds checkpoints: pass --resume_from_checkpoint True to "
-                             "continue, or --overwrite_output_dir True to start afresh")
-        return None
-    if resume in ("True", "true", "latest"):
-        found = checkpoints(args.output_dir)
-        if not found:
-            raise SystemExit(f"--resume_from_checkpoint {resume}: no checkpoint in {args.output_dir}")
-        return str(found[-1])
-    if not Path(resume, "trainer_state.json").is_file():
-        raise SystemExit(f"--resume_from_checkpoint {resume}: not a complete checkpoint (no trainer_state.json)")
-    return resume
-
-
-def prepare_output_dir(args, accelerator):
-    """Create OUTPUT_DIR; a fresh run with --overwrite_output_dir removes the checkpoints an earlier run left."""
-    if accelerator.is_main_process:
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-        if not args.resume_from_checkpoint:
-            for old in checkpoints(args.output_dir):
-                shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-
-
-def checkpoints(output_dir):
-    """Complete checkpoints in OUTPUT_DIR, oldest first (partial ones are never renamed into place)."""
-    found = [p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Setup
 # ---------------------------------------------------------------------------------------------------------------
@@ -265,56 +228,6 @@ def free_port():
         return probe.getsockname()[1]
 
 
-def configure_deepspeed(config, args, world_size):
-    """Fill the DeepSpeed config's "auto" values from the flags; refuse settings OGPSA cannot honour."""
-    def fill(key, value, flag_name):
-        if config.get(key, "auto") == "auto":
-            config[key] = value
-        elif config[key] != value:
-            raise SystemExit(f"DeepSpeed config sets {key}={config[key]} but {flag_name} gives {value}: make them "
-                             "agree (or set it to \"auto\")")
-
-    fill("train_micro_batch_size_per_gpu", args.per_device_train_batch_size, "--per_device_train_batch_size")
-    fill("gradient_accumulation_steps", args.gradient_accumulation_steps, "--gradient_accumulation_steps")
-    fill("train_batch_size", args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size,
-         "per-device batch x accumulation x processes")
-    fill("gradient_clipping", args.max_grad_norm, "--max_grad_norm")
-    zero = config.setdefault("zero_optimization", {})
-    if zero.get("stage", 0) not in (1, 2, 3):
-        raise SystemExit(f"DeepSpeed zero_optimization.stage {zero.get('stage', 0)}: use 0 (run as DDP), 1, 2 or 3")
-    for key in ("offload_optimizer", "offload_param"):
-        if zero.get(key, {}).get("device", "none") not in ("none", "cpu", None):
-            raise SystemExit(f"DeepSpeed zero_optimization.{key}.device {zero[key]['device']} is not supported with "
-                             "OGPSA: NVMe offload swaps the gradient partitions to disk, where the projection cannot "
-                             "reach them; use \"cpu\"")
-    for key in ("zero_quantized_gradients", "zero_quantized_weights"):
-        if zero.get(key):
-            raise SystemExit(f"DeepSpeed zero_optimization.{key} (ZeRO++) is not supported with OGPSA: it quantizes "
-                             "what is communicated, and its kernels do not run on the CPU where the projection's "
-                             "exactness is tested; remove it")
-    if zero.get("zero_hpz_partition_size", 1) > 1:
-        raise SystemExit("DeepSpeed zero_optimization.zero_hpz_partition_size (ZeRO++ hierarchical partitioning) is "
-                         "not supported with OGPSA: untested; remove it")
-    if zero.get("offload_optimizer", {}).get("device") == "cpu":
-        # With optimizer offload DeepSpeed takes the clip norm during backward, before the projection runs: the
-        # backend clips the projected gradient itself, so DeepSpeed must not clip again.
-        config["gradient_clipping"] = 0.0
-        if args.optim == "sgd":  # else Accelerate swaps any optimizer for DeepSpeedCPUAdam (AdamW: the same update)
-            config["zero_force_ds_cpu_optimizer"] = False
-    if config.get("fp16", {}).get("enabled") is True:
-        raise SystemExit("DeepSpeed fp16.enabled is not supported: use bf16 (--bf16 True)")
-    for key in ("optimizer", "scheduler"):
-        if key in config:
-            raise SystemExit(f"DeepSpeed config has a '{key}' section: the scripts build the optimizer and the "
-                             "schedule from their flags; remove it")
-    if zero.get("stage") == 3 and zero.get("stage3_gather_16bit_weights_on_model_save", "auto") == "auto":
-        zero["stage3_gather_16bit_weights_on_model_save"] = True  # checkpoints hold the whole model
-
-
-def json_safe(config):
-    return {k: v if isinstance(v, (int, float, str, bool)) or v is None else str(v) for k, v in config.items()}
-
-
 def load_model(path, args):
     from transformers import AutoModelForCausalLM
 
@@ -329,8 +242,6 @@ def load_model(path, args):
 
 def load_tokenizer(path, args):
     from transformers import AutoTokenizer
-
-    from data_utils import apply_template
 
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
     apply_template(tokenizer, args.template)
@@ -360,297 +271,10 @@ def total_optimizer_steps(args, steps_per_epoch):
     return args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Backend: where backward runs and where the reduced gradient lives
-# ---------------------------------------------------------------------------------------------------------------
-
-# DeepSpeed zero_optimization keys that decide where each gradient entry lands on which rank, with DeepSpeed's
-# defaults; the guard names those a config changes. The README's "DeepSpeed settings" says which are supported.
-PARTITION_KEYS = {"round_robin_gradients": False, "overlap_comm": False, "contiguous_gradients": True,
-                  "reduce_scatter": True, "reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8,
-                  "use_multi_rank_bucket_allreduce": True, "stage3_param_persistence_threshold": 1e5,
-                  "sub_group_size": 1e9, "stage3_max_live_parameters": 1e9, "offload_optimizer": None,
-                  "offload_param": None}
-# Guard tolerances. Norms: both sides sum the same stored gradient values in float32 or wider, only in another
-# order, which moves a norm by ~1e-6 relative; a projection that edits memory the optimizer does not read moves it
-# by the share it edited (6% with the round_robin_gradients bug). Cosine after projection, by the coarser dtype of
-# the basis and the gradient: float32 rounding leaves ~1e-6; bfloat16 keeps 8 significant bits, and its rounding
-# left up to 2e-3 (ZeRO-3 with bfloat16 gradient accumulation; the limit is 4 x 2^-8); the round_robin_gradients
-# bug left 0.09-0.18.
-GUARD_NORM_RTOL = 1e-3
-GUARD_MAX_COS = {torch.float32: 1e-3, torch.bfloat16: 4 * 2.0 ** -8}
-
-class Backend:
-    """Single process or DDP through Accelerate. Gradients live in one flat buffer (see ReplicatedGradSlice).
-
-    The training loop calls, per optimizer step: `micro_batch(sync)` + `backward(loss)` for each micro-batch
-    (sync=True on the last one, where DDP reduces), then projects `grad_slice`, then `clip_and_step(max_norm)`.
-    """
-
-    sharded_optimizer = False  # the optimizer state is the same on every rank: rank 0 saves it
-
-    def __init__(self, accelerator, model, optimizer):
-        self.accelerator, self.model, self.optimizer = accelerator, model, optimizer
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.grad_slice = ogpsa_core.ReplicatedGradSlice(self.params)
-        self.scheduled_optimizer = optimizer
-        self._params_before = None
-
-    def micro_batch(self, sync):
-        """Context for one micro-batch's forward and backward; gradients are reduced across ranks only if sync."""
-        return nullcontext() if sync else self.accelerator.no_sync(self.model)
-
-    def backward(self, loss):
-        self.accelerator.backward(loss)
-
-    def clip_and_step(self, max_norm):
-        """Clip (if max_norm > 0), step, zero the gradient; returns the norm before clipping (a tensor: reading it
-        would wait for the device, so the loop reads it only when it logs)."""
-        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm if max_norm > 0 else float("inf"))
-        self.optimizer.step()
-        self.zero_grad()
-        return norm
-
-    def zero_grad(self):
-        self.grad_slice.zero_()
-
-    def stepped_norm(self, stats, clip_norm):
-        """(the projected gradient's norm as the projection computed it, the norm clipping took of the gradient
-        the optimizer stepped with)."""
-        return stats.grad_norm_projected, float(clip_norm)
-
-    def check_projection(self, stats, clip_norm, projector):
-        """Guard against a silently wrong projection (run on the first step and on every logging step).
-
-        Three independent checks: the gradient the projection edited has the norm the optimizer's clipping found
-        (else the projection edited other memory than the optimizer read); it is orthogonal to the basis; and
-        each parameter's float32 master entries, read through the projection's coordinates, equal the
-        parameter's values (else the coordinates map entries to the wrong parameters).
-        """
-        ours, stepped = self.stepped_norm(stats, clip_norm)
-        if not (math.isfinite(ours) and math.isfinite(stepped)):
-            return  # a non-finite gradient is not a mapping problem
-        problems = []
-        if abs(ours - stepped) > GUARD_NORM_RTOL * max(ours, stepped):
-            problems.append(f"the projected gradient's norm is {ours:.6g} but the optimizer stepped with one of "
-                            f"norm {stepped:.6g}")
-        coarsest = min(projector.dtype, self.grad_slice.dtype, key=lambda dtype: torch.finfo(dtype).bits)
-        if projector.method == "orthogonal_projection" and stats.max_abs_cos > GUARD_MAX_COS[coarsest]:
-            problems.append(f"after projection the gradient still has cosine {stats.max_abs_cos:.3g} with the basis")
-        misplaced = self.grad_slice.misplaced_params(self.params)
-        count = self.grad_slice.reduce_(torch.tensor(float(len(misplaced)), device=self.grad_slice.device))
-        if count.item():
-            problems.append(f"{int(count.item())} parameter pieces are not where the projection's coordinates put "
-                            f"them (on this rank: parameters {misplaced[:5]})")
-        if problems:
-            settings = ", ".join(f"{k}={v}" for k, v in getattr(self, "partition_settings", {}).items())
-            raise SystemExit("OGPSA guard: the projection does not act on the gradient the optimizer steps with: "
-                             + "; ".join(problems) + ". "
-                             + (f"Likely cause: the DeepSpeed zero_optimization settings that move gradient "
-                                f"partitions ({settings}); set them to their defaults one at a time, and report "
-                                "which one it is. " if settings else "")
-                             + "Stopped so that no silently wrong model is trained.")
-
-    @torch.no_grad()
-    def snapshot_parameters(self):
-        """Keep the parameters before a step, flat in the gradient buffer's layout, for `project_update_`."""
-        if self._params_before is None:
-            self._params_before = torch.empty_like(self.grad_slice.flat)
-        torch.cat([p.reshape(-1) for p in self.params], out=self._params_before)
-
-    @torch.no_grad()
-    def project_update_(self, projector, diagnostics=False):
-        """theta <- before + P(theta - before), `before` from `snapshot_parameters`: the step's parameter change is
-        staged in the gradient buffer (free after the step) and projected there. Returns the projection's stats
-        on diagnostic steps."""
-        before, change = self._params_before, self.grad_slice.flat
-        torch.cat([p.reshape(-1) for p in self.params], out=change).sub_(before)
-        stats = projector.project_(diagnostics)
-        before.add_(change)
-        for param, segment in zip(self.params, self.grad_slice.segments):
-            param.copy_(before[segment.start:segment.start + segment.length].view_as(param))
-        self.zero_grad()
-        return stats
-
-    def optimizer_state(self):
-        return self.optimizer.state_dict()
-
-    def load_optimizer_state(self, state):
-        self.optimizer.load_state_dict(state)
-
-
-class DeepSpeedBackend(Backend):
-    """DeepSpeed ZeRO-1/2/3: the engine reduces and partitions the gradient; each rank projects its partition.
-
-    Accelerate's `backward` would also step the engine, so the engine is driven directly: boundary flag,
-    `engine.backward`, (projection), `engine.step()`, which clips with the projected partition's norm. Under
-    optimizer offload DeepSpeed takes that norm during backward, before the projection, so the backend clips the
-    projected gradient itself and DeepSpeed's clipping is off (see `configure_deepspeed`).
-    """
-
-    sharded_optimizer = True
-
-    def __init__(self, accelerator, engine, optimizer):
-        from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
-        from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
-
-        self.accelerator, self.model, self.optimizer, self.engine = accelerator, engine, optimizer, engine
-        self.zero = engine.optimizer
-        self.scheduled_optimizer = self.zero.optimizer  # the torch optimizer ZeRO steps: the schedule sets its lr
-        self.params = [p for p in engine.module.parameters() if p.requires_grad]
-        if isinstance(self.zero, DeepSpeedZeroOptimizer_Stage3):
-            self.grad_slice = ogpsa_core.Zero3GradSlice(self.zero, self.params)
-        elif isinstance(self.zero, DeepSpeedZeroOptimizer):
-            self.grad_slice = ogpsa_core.ZeroGradSlice(self.zero, self.params)
-        else:
-            raise SystemExit(f"DeepSpeed chose {type(self.zero).__name__}, whose gradient partitions OGPSA cannot "
-                             "reach (ZeRO-1 with bf16 and float32 gradient accumulation does this): use ZeRO-2, or "
-                             "set data_types.grad_accum_dtype to bf16")
-        self.masters = [master for _, master in self.grad_slice.masters()]
-        zero_config = accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"]
-        self.partition_settings = {k: v for k, v in zero_config.items()
-                                   if k in PARTITION_KEYS and v not in (PARTITION_KEYS[k], "auto")}
-
-    def micro_batch(self, sync):
-        self.engine.set_gradient_accumulation_boundary(sync)
-        return nullcontext()
-
-    def backward(self, loss):
-        self.engine.backward(loss, scale_wrt_gas=False)  # the loss is already normalised over the whole step
-
-    def clip_and_step(self, max_norm):
-        if not self.grad_slice.offload:
-            self.engine.step()
-            return torch.as_tensor(self.engine.get_global_grad_norm())
-        norm = self.grad_slice.norm()
-        if max_norm > 0:  # torch.nn.utils.clip_grad_norm_'s rule
-            self.grad_slice.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
-        self.engine.step()
-        return norm
-
-    def stepped_norm(self, stats, clip_norm):
-        """(the norm the guard compares, DeepSpeed's own norm of the gradient it stepped with): under offload
-        DeepSpeed took its norm during backward, before the projection."""
-        if self.grad_slice.offload:
-            return stats.grad_norm, self.engine.get_global_grad_norm()
-        return stats.grad_norm_projected, float(clip_norm)
-
-    def zero_grad(self):
-        """Forget a gradient that was read but not stepped (reference collection), as `step()` would."""
-        self.zero.zero_grad(set_to_none=True)
-        for cache in ("averaged_gradients", "all_grad_tensors"):
-            for key in getattr(self.zero, cache, {}):
-                getattr(self.zero, cache)[key] = None
-        if isinstance(self.grad_slice, ogpsa_core.Zero3GradSlice):
-            # The next backward overwrites the buffer only where a gradient arrives: clear it all.
-            self.zero.grad_partitions_flat_buffer.zero_()
-            self.zero.micro_step_id = 0
-        else:
-            self.zero.micro_step_id = -1  # as step() leaves it: the next backward starts a fresh accumulation
-        if self.grad_slice.offload:  # the gradient step() would read, on the CPU
-            for master in self.masters:
-                if master.grad is not None:
-                    master.grad.zero_()
-
-    def optimizer_state(self):
-        """This rank's float32 master partition and the state of the optimizer that updates it."""
-        with self._base_optimizer_params():
-            return {"masters": [m.detach() for m in self.masters], "base": self.zero.optimizer.state_dict()}
-
-    def load_optimizer_state(self, state):
-        for master, saved in zip(self.masters, state["masters"]):
-            if master.shape != saved.shape:
-                raise SystemExit("the checkpoint's ZeRO partitions do not fit this run: resume with the same "
-                                 "number of processes and the same DeepSpeed config")
-            master.data.copy_(saved)
-        with self._base_optimizer_params():
-            self.zero.optimizer.load_state_dict(state["base"])
-
-    @contextmanager
-    def _base_optimizer_params(self):
-        """ZeRO-3 hands its float32 partitions to the torch optimizer only while stepping; do as its checkpoints do."""
-        stage3 = isinstance(self.grad_slice, ogpsa_core.Zero3GradSlice)
-        if stage3:
-            self.zero._set_fp32_optimizer_param_groups()
-        try:
-            yield
-        finally:
-            if stage3:
-                self.zero._clear_fp32_optimizer_param_groups()
-
-
-def make_backend(accelerator, model, optimizer):
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        return DeepSpeedBackend(accelerator, model, optimizer)
-    return Backend(accelerator, model, optimizer)
-
-
-def prepare_reference_model(accelerator, model):
-    """A frozen model for DPO: like the policy under DDP; under ZeRO-3 sharded the same way (each forward
-    gathers one layer at a time, never the whole model); under ZeRO-1/2 a full copy in the training precision."""
-    from accelerate.utils import DistributedType
-
-    model.requires_grad_(False).eval()
-    if accelerator.distributed_type != DistributedType.DEEPSPEED:
-        return accelerator.prepare_model(model, evaluation_mode=True)
-    import deepspeed
-
-    config = {k: v for k, v in accelerator.state.deepspeed_plugin.deepspeed_config.items()
-              if k in ("train_micro_batch_size_per_gpu", "train_batch_size", "gradient_accumulation_steps", "bf16",
-                       "zero_optimization")}
-    if config["zero_optimization"].get("stage") != 3:
-        config["zero_optimization"] = {"stage": 0}
-    engine = deepspeed.initialize(model=model, config=config)[0]
-    engine.eval()
-    return engine
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Losses shared by the scripts
-# ---------------------------------------------------------------------------------------------------------------
-
-def token_logps(model, batch):
-    """Log-probability of every label token given its prefix: (B, T) float32, 0 where labels are ignored.
-
-    Position t predicts token t + 1, so labels are shifted left by one instead of slicing the logits.
-    """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
-    nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
-                          reduction="none")
-    return -nll.view(labels.shape)
-
-
-def response_nll_sum(model, batch):
-    """Sum of the NLL of all response tokens in the batch (the SFT loss before normalisation)."""
-    return -token_logps(model, batch).sum()
-
-
-def to_device(batch, device):
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# OGPSA: reference sets and basis refresh
-# ---------------------------------------------------------------------------------------------------------------
-
-class ReferenceSet:
-    """Reference samples plus how to batch them and which loss their gradient is taken of.
-
-    loss_sum(model, batch) returns the loss summed over the batch's units (tokens or pairs); weight(example)
-    is the number of units an example contributes, so every direction is the gradient of the mean over units.
-    """
-
-    def __init__(self, name, examples, collate, loss_sum, weight):
-        self.name, self.examples, self.collate, self.loss_sum, self.weight = name, examples, collate, loss_sum, weight
-
-
 def make_projector(args, backend):
     if args.base_method == "none":
         return None
-    if args.base_project_update and backend.sharded_optimizer:
+    if args.base_project_update and backend.grad_slice.sharded:
         raise SystemExit("--base_project_update is not supported under DeepSpeed: the update happens inside the "
                          "engine's step, on its float32 partitions; use one process or DDP")
     return ogpsa_core.Projector(backend.grad_slice, scope=args.base_scope, method=args.base_method,
@@ -658,205 +282,41 @@ def make_projector(args, backend):
                                 dtype=getattr(torch, args.base_dtype))
 
 
-def refresh_basis(projector, backend, model, reference_sets, args, step, device):
-    """Collect the reference directions with the training backend and rebuild the basis; leaves no trace.
-
-    Each rank runs the same number of micro-batches (padding ones with zero weight), so collective backward
-    passes stay in step. The random state is restored afterwards, and the gradient is zeroed.
-    """
-    accelerator = backend.accelerator
-    world, rank = accelerator.num_processes, accelerator.process_index
-    plans = [(ref, chunk) for ref in reference_sets
-             for chunk in ogpsa_core.reference_chunks(len(ref.examples), args.base_num_samples, args.base_directions)]
-    directions = torch.empty(len(plans), backend.grad_slice.numel, dtype=torch.float32,
-                             device=backend.grad_slice.device)
-    start = time.perf_counter()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        for k, (ref, chunk) in enumerate(plans):
-            units = sum(ref.weight(ref.examples[i]) for i in chunk)
-            batches = ogpsa_core.rank_micro_batches(chunk, rank, world, args.base_batch_size)
-            for j, indices in enumerate(batches):
-                scale = world / units if indices else 0.0
-                batch = to_device(ref.collate([ref.examples[i] for i in (indices or chunk[:1])]), device)
-                with backend.micro_batch(sync=j == len(batches) - 1):
-                    backend.backward(ref.loss_sum(model, batch) * scale)
-            ogpsa_core.read_gradient_(backend.grad_slice, directions[k])
-            backend.zero_grad()
-    projector.set_directions_(directions, step)
-    return time.perf_counter() - start
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# Checkpoints (safetensors for tensors, JSON for the rest; written to a temporary folder, then renamed)
+# Losses shared by the scripts
 # ---------------------------------------------------------------------------------------------------------------
 
-def _split_state(state, prefix=""):
-    """Nested dict/list state -> (flat tensors for safetensors, JSON-able skeleton with tensor keys)."""
-    tensors = {}
+def token_logps(model, batch):
+    """Forward pass: (log-probability of every label token given its prefix, logits).
 
-    def walk(node, key):
-        if isinstance(node, torch.Tensor):
-            tensors[key] = node.detach().contiguous().cpu()
-            return {"__tensor__": key}
-        if isinstance(node, dict):
-            return {"__dict__": [[walk(k, f"{key}.k{i}"), walk(v, f"{key}.{i}")]
-                                 for i, (k, v) in enumerate(node.items())]}
-        if isinstance(node, (list, tuple)):
-            return [walk(v, f"{key}.{i}") for i, v in enumerate(node)]
-        if node is None or isinstance(node, (int, float, str, bool)):
-            return node
-        raise TypeError(f"cannot checkpoint a {type(node).__name__} at {key}")
-
-    return tensors, walk(state, prefix or "state")
-
-
-def _join_state(skeleton, tensors):
-    def walk(node):
-        if isinstance(node, dict) and "__tensor__" in node:
-            return tensors[node["__tensor__"]]
-        if isinstance(node, dict):
-            return {walk(k): walk(v) for k, v in node["__dict__"]}
-        if isinstance(node, list):
-            return [walk(v) for v in node]
-        return node
-
-    return walk(skeleton)
-
-
-def save_state(state, folder, name):
-    """Write a nested state as NAME.safetensors + NAME.json (never a pickle)."""
-    tensors, skeleton = _split_state(state)
-    save_file(tensors, str(Path(folder, f"{name}.safetensors")))
-    Path(folder, f"{name}.json").write_text(json.dumps(skeleton))
-
-
-def load_state(folder, name, device="cpu"):
-    tensors = load_file(str(Path(folder, f"{name}.safetensors")), device=str(device))
-    return _join_state(json.loads(Path(folder, f"{name}.json").read_text()), tensors)
-
-
-def rng_state():
-    state = {"python": list(random.getstate()), "numpy": list(np.random.get_state()),
-             "torch": torch.get_rng_state()}
-    state["python"][1] = list(state["python"][1])
-    state["numpy"][1] = torch.from_numpy(state["numpy"][1].copy())
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state):
-    python = state["python"]
-    random.setstate((python[0], tuple(python[1]), python[2]))
-    numpy = state["numpy"]
-    np.random.set_state((numpy[0], numpy[1].numpy(), *numpy[2:]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def save_checkpoint(args, accelerator, model, tokenizer, backend, scheduler, projector, step, extra_state=None):
-    """OUTPUT_DIR/checkpoint-STEP, written under a temporary name and renamed when complete.
-
-    A run killed while saving leaves the previous checkpoints untouched; the newest complete one resumes.
+    Returns logps (B, T) float32, 0 where labels are ignored, and the logits (B, T, vocab) for extra loss terms.
+    Position t predicts token t + 1, so labels are shifted left by one instead of slicing the logits: logps[:, t]
+    and logits[:, t] belong to the same position.
     """
-    output = Path(args.output_dir)
-    final = output / f"checkpoint-{step}"
-    partial = output / f".partial-checkpoint-{step}"
-    if accelerator.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    state_dict = accelerator.get_state_dict(model)
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(partial, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(partial)
-    if not args.save_only_model:
-        if backend.sharded_optimizer or accelerator.is_main_process:
-            save_state(backend.optimizer_state(), partial, optimizer_file(backend, accelerator.process_index))
-        if accelerator.is_main_process:
-            Path(partial, "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
-        save_state(rng_state(), partial, f"rng_state_{accelerator.process_index}")
-        if projector is not None and (backend.grad_slice.sharded or accelerator.is_main_process):
-            save_file(projector.state_dict(), str(partial / f"ogpsa_basis_{accelerator.process_index}.safetensors"))
-        if extra_state:
-            save_state(extra_state, partial, f"extra_state_{accelerator.process_index}")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        trainer_state = {"global_step": step, "save_only_model": args.save_only_model,
-                         "world_size": accelerator.num_processes, "args": json_safe(vars(args))}
-        Path(partial, "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
-        _fsync_tree(partial)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        if args.save_total_limit:
-            for old in checkpoints(output)[:-args.save_total_limit]:
-                shutil.rmtree(old)
-    accelerator.wait_for_everyone()
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    labels = next_token_labels(batch)
+    nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
+                          reduction="none")
+    return -nll.view(labels.shape), logits
 
 
-def optimizer_file(backend, rank):
-    return f"optimizer_{rank}" if backend.sharded_optimizer else "optimizer"
+def next_token_labels(batch):
+    """(B, T) the token each position predicts (labels shifted left by one), IGNORE_INDEX where none counts."""
+    return F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
-def _fsync_tree(folder):
-    for path in Path(folder).iterdir():
-        with open(path, "rb") as handle:
-            os.fsync(handle.fileno())
+def response_positions(batch):
+    """(B, T) bool: the positions whose predicted token is a response token (where token_logps counts)."""
+    return next_token_labels(batch) != IGNORE_INDEX
 
 
-def load_checkpoint(folder, args, accelerator, backend, scheduler, projector, global_batch):
-    """Restore optimizer, scheduler, RNG and the OGPSA basis; returns (step, extra_state)."""
-    trainer_state = json.loads(Path(folder, "trainer_state.json").read_text())
-    if trainer_state["save_only_model"]:
-        raise SystemExit(f"{folder} was saved with --save_only_model True: it holds no optimizer, scheduler or RNG "
-                         "state, so training cannot resume exactly. Start a new run from it with "
-                         f"--model_name_or_path {folder} instead")
-    saved = trainer_state["args"]
-    saved_batch = saved["per_device_train_batch_size"] * trainer_state["world_size"] * \
-        saved["gradient_accumulation_steps"]
-    for name, now, then in [("global batch size (per-device batch x processes x accumulation)", global_batch,
-                             saved_batch), ("--seed", args.seed, saved["seed"]),
-                            ("--dataset", args.dataset, saved["dataset"])]:
-        if now != then:
-            raise SystemExit(f"cannot resume from {folder}: {name} was {then}, now {now}; the data order would "
-                             "differ")
-    if backend.sharded_optimizer and trainer_state["world_size"] != accelerator.num_processes:
-        raise SystemExit(f"cannot resume from {folder}: it was saved by {trainer_state['world_size']} processes and "
-                         "ZeRO shards the optimizer state and the OGPSA basis per process; resume with "
-                         f"{trainer_state['world_size']} processes")
-    backend.load_optimizer_state(load_state(folder, optimizer_file(backend, accelerator.process_index), "cpu"))
-    scheduler.load_state_dict(json.loads(Path(folder, "scheduler.json").read_text()))
-    rank = accelerator.process_index
-    rng_file = Path(folder, f"rng_state_{rank}.json")
-    if rng_file.is_file():
-        set_rng_state(load_state(folder, f"rng_state_{rank}"))
-    if projector is not None:
-        basis_rank = rank if backend.grad_slice.sharded else 0
-        basis_file = Path(folder, f"ogpsa_basis_{basis_rank}.safetensors")
-        if not basis_file.is_file():
-            raise SystemExit(f"cannot resume from {folder}: it has no OGPSA basis for rank {basis_rank} (was it "
-                             "saved without projection, or with another number of processes?)")
-        projector.load_state_dict(load_file(str(basis_file)))
-    extra_file = Path(folder, f"extra_state_{rank}.json")
-    extra = load_state(folder, f"extra_state_{rank}") if extra_file.is_file() else None
-    return trainer_state["global_step"], extra
+def response_nll_sum(model, batch):
+    """Sum of the NLL of all response tokens in the batch (the SFT loss before normalisation)."""
+    return -token_logps(model, batch)[0].sum()
 
 
-def save_final_model(args, accelerator, model, tokenizer):
-    """Model (safetensors) and tokenizer into OUTPUT_DIR, each file moved into place whole."""
-    state_dict = accelerator.get_state_dict(model)
-    if accelerator.is_main_process:
-        staging = Path(args.output_dir, ".partial-final-model")
-        shutil.rmtree(staging, ignore_errors=True)
-        accelerator.unwrap_model(model).save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-        _fsync_tree(staging)
-        for path in staging.iterdir():
-            os.replace(path, Path(args.output_dir, path.name))
-        staging.rmdir()
-    accelerator.wait_for_everyone()
+def to_device(batch, device):
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -864,17 +324,22 @@ def save_final_model(args, accelerator, model, tokenizer):
 # ---------------------------------------------------------------------------------------------------------------
 
 class MetricLog:
-    """Per-interval metrics: local (sum, count) pairs kept on the device and reduced over ranks once per interval.
+    """Per-interval metrics, one line and one JSON record per interval, and the run's plot and summary.
 
-    Writes one line per interval (through tqdm), appends the record to OUTPUT_DIR/trainer_log.jsonl (which a
-    fresh run starts anew and a resumed run cuts back to its step), and sends it to Accelerate's trackers.
+    `add(name, total, count)` adds a local sum over `count` units (tokens, pairs) to the interval's mean of `name`,
+    kept on the device and reduced over ranks once per interval; `count(name, value)` adds to a running total over
+    the whole run (e.g. tokens seen); `flush(step, scalars)` logs both with any scalars the loop passes. Records
+    go to OUTPUT_DIR/trainer_log.jsonl (which a fresh run starts anew and a resumed run cuts back to its step), to
+    the console (through tqdm) and to Accelerate's trackers; `finish` plots every logged metric.
     """
 
-    def __init__(self, accelerator, args, total_steps, start_step):
+    NOT_PLOTTED = ("step", "epoch", "elapsed_s", "refresh_s", "basis_rank")
+
+    def __init__(self, accelerator, args, total_steps, start_step, totals=None):
         from tqdm.auto import tqdm
 
         self.accelerator, self.args = accelerator, args
-        self.sums = {}
+        self.sums, self.totals = {}, dict(totals or {})
         self.path = Path(args.output_dir, "trainer_log.jsonl")
         if accelerator.is_main_process:
             kept = [line for line in (self.path.read_text().splitlines() if self.path.exists() else [])
@@ -885,23 +350,31 @@ class MetricLog:
         self.start = time.perf_counter()
 
     def add(self, name, total, count):
-        """Add a local sum over `count` units (tokens, pairs) to the current interval (no device sync)."""
+        """Add a local sum over `count` units to the current interval's mean of `name` (no device sync)."""
         old_total, old_count = self.sums.get(name, (0.0, 0))
         self.sums[name] = (old_total + total.detach().double(), old_count + count)
 
-    def flush(self, step, extra):
-        """Reduce the interval's sums, log a record with `extra` scalars, and reset."""
-        names = sorted(self.sums)
+    def count(self, name, value):
+        """Add to the running total `name` (this rank's share; summed over ranks when logged)."""
+        self.totals[name] = self.totals.get(name, 0.0) + value.detach().double()
+
+    def flush(self, step, scalars):
+        """Reduce the interval's sums and the running totals, log them with `scalars` (a dict), reset the sums."""
+        names, totals = sorted(self.sums), sorted(self.totals)
         device = self.accelerator.device
-        packed = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(())
-                              for n in names for v in self.sums[n]]) if names else torch.zeros(0, device=device)
-        if self.accelerator.num_processes > 1 and len(names):
+        values = [v for n in names for v in self.sums[n]] + [self.totals[n] for n in totals]
+        packed = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in values]) \
+            if values else torch.zeros(0, device=device)
+        if self.accelerator.num_processes > 1 and len(values):
             packed = self.accelerator.reduce(packed, reduction="sum")
+        packed = packed.tolist()
         record = {"step": step}
         for i, name in enumerate(names):
-            total, count = packed[2 * i].item(), packed[2 * i + 1].item()
+            total, count = packed[2 * i], packed[2 * i + 1]
             record[name] = total / count if count else float("nan")
-        record.update(extra)
+        for i, name in enumerate(totals):
+            record[name] = int(packed[2 * len(names) + i])
+        record.update({k: v if isinstance(v, int) else float(v) for k, v in scalars.items()})
         record["elapsed_s"] = round(time.perf_counter() - self.start, 2)
         self.sums = {}
         if self.accelerator.is_main_process:
@@ -912,82 +385,69 @@ class MetricLog:
         self.accelerator.log(record, step=step)
         return record
 
-    def close(self):
+    def finish(self, step, summary_keys=()):
+        """Close the bar; write the plot (--plot_loss) and train_results.json: the step, the last interval's loss,
+        the runtime, and the first and last logged value of each of `summary_keys`."""
         self.bar.close()
-
-
-def step_record(args, accelerator, step, steps_per_epoch, learning_rate, grad_norm, stats, projector,
-                refresh_seconds, tokens_seen, update_stats=None):
-    """The scalars logged with an interval's metrics: schedule, gradient norms, projection diagnostics."""
-    record = {"epoch": round(step / steps_per_epoch, 4), "learning_rate": learning_rate,
-              "grad_norm": round(float(grad_norm), 6)}
-    if stats is not None:  # grad_norm becomes the norm before projection; clipping saw grad_norm_projected
-        record.update({k: round(v, 6) for k, v in asdict(stats).items()})
-        record["basis_rank"] = int(projector.rank_per_unit.max())
-    if update_stats is not None:  # --base_project_update: 1 - |projected step| / |optimizer step|
-        record["update_removed_fraction"] = round(update_stats.removed_fraction, 6)
-    if refresh_seconds is not None:
-        record["refresh_s"] = round(refresh_seconds, 3)
-    if args.include_num_input_tokens_seen:
-        total = accelerator.reduce(tokens_seen.to(accelerator.device), "sum") if accelerator.num_processes > 1 \
-            else tokens_seen
-        record["num_input_tokens_seen"] = int(total.item())
-    return record
-
-
-def is_save_step(args, step, steps_per_epoch):
-    return (args.save_strategy == "steps" and step % args.save_steps == 0) or \
-        (args.save_strategy == "epoch" and step % steps_per_epoch == 0)
-
-
-def finish_run(args, accelerator, model, tokenizer, metrics, step, plot_keys, summary_keys=()):
-    """Save the final model, plot, write train_results.json, close trackers and the process group."""
-    metrics.close()
-    save_final_model(args, accelerator, model, tokenizer)
-    if accelerator.is_main_process:
-        if args.plot_loss:
-            accelerator.print(f"loss curve: {plot_curves(args.output_dir, plot_keys)}")
-        records = [json.loads(line) for line in Path(args.output_dir, "trainer_log.jsonl").read_text().splitlines()]
+        if not self.accelerator.is_main_process:
+            return
+        records = [json.loads(line) for line in self.path.read_text().splitlines()]
+        if self.args.plot_loss and records:
+            keys = sorted((k for k in records[-1] if k not in self.NOT_PLOTTED), key=lambda k: k != "loss")
+            self.accelerator.print(f"loss curve: {plot_curves(self.args.output_dir, keys)}")
         first, last = (records[0], records[-1]) if records else ({}, {})
         summary = {"global_step": step, "train_loss": last.get("loss"), "train_runtime_s": last.get("elapsed_s")}
         for key in summary_keys:
             summary[f"first_{key}"], summary[f"last_{key}"] = first.get(key), last.get(key)
-        write_json(Path(args.output_dir, "train_results.json"), summary)
+        write_json(Path(self.args.output_dir, "train_results.json"), summary)
+
+
+def projection_scalars(stats, projector, update_stats=None, refresh_seconds=None):
+    """The OGPSA diagnostics of a logging step: grad_norm (before projection; clipping saw grad_norm_projected),
+    removed_fraction, max_abs_cos, basis_rank; update_removed_fraction with --base_project_update (1 - |projected
+    step| / |optimizer step|); refresh_s, the last basis refresh's seconds."""
+    scalars = {}
+    if stats is not None:
+        scalars.update({k: v for k, v in vars(stats).items()})
+        scalars["basis_rank"] = int(projector.rank_per_unit.max())
+    if update_stats is not None:
+        scalars["update_removed_fraction"] = update_stats.removed_fraction
+    if refresh_seconds is not None:
+        scalars["refresh_s"] = refresh_seconds
+    return scalars
+
+
+def end_run(accelerator):
+    """Close the trackers and the process group (without the latter, runs sometimes abort after finishing)."""
     accelerator.end_training()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
 
-def plot_curves(output_dir, keys=("loss",)):
+def plot_curves(output_dir, keys):
     """PNG of the logged curves (one panel per key) from trainer_log.jsonl."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     records = [json.loads(line) for line in Path(output_dir, "trainer_log.jsonl").read_text().splitlines()]
     keys = [k for k in keys if any(k in r for r in records)]
-    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5), squeeze=False)
-    for axis, key in zip(axes[0], keys):
+    columns = min(4, len(keys))
+    rows = math.ceil(len(keys) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.5 * columns, 3.2 * rows), squeeze=False)
+    for axis, key in zip(axes.flat, keys):
         points = [(r["step"], r[key]) for r in records if key in r]
         axis.plot(*zip(*points), marker=".")
-        axis.set_xlabel("step")
-        axis.set_title(key)
+        axis.set_xlabel("optimizer step")
+        axis.set_ylabel(key)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
+    for axis in list(axes.flat)[len(keys):]:
+        axis.set_visible(False)
     fig.tight_layout()
     path = Path(output_dir, "training_loss.png")
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
-
-
-def write_json(path, obj):
-    """Write JSON atomically (temporary file, then rename)."""
-    write_text_atomic(path, json.dumps(obj, indent=2))
-
-
-def write_text_atomic(path, text):
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)

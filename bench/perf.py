@@ -14,11 +14,11 @@ with the reference SFT settings (micro-batch 4, gradient accumulation 4, seq 204
               run), for global K=2, global K=8 and per_param K=2 with float32 and bfloat16 bases, and its error
               against the same projection computed in float64;
   memory      peak GPU memory of OGPSA steps against plain steps and the basis's K x P x bytes;
-  refresh     `train_utils.refresh_basis` for 200 reference samples against as many training micro-batches.
+  refresh     `ogpsa_core.ReferenceGradients.refresh` for 200 reference samples against as many training micro-batches.
 
-Everything runs through the project's own code: `train_utils.make_accelerator`, `build_optimizer`, `make_backend`,
-`response_nll_sum`, `refresh_basis`, and `ogpsa_core.Projector`. Every figure, ratio and target goes into a JSON file
-and a markdown table is printed at the end.
+Everything runs through the project's own code: `train_utils.make_accelerator`, `build_optimizer`,
+`backends.make_backend`, `response_nll_sum`, `ReferenceGradients.refresh`, and `ogpsa_core.Projector`. Every
+figure, ratio and target goes into a JSON file and a markdown table is printed at the end.
 
 GPU (one H100: about 6 minutes; writes bench/results/perf-<gpu name>.json):
     python bench/perf.py
@@ -50,6 +50,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the project's modules live in the repository root
 
 import ogpsa_core  # noqa: E402
+import backends  # noqa: E402
+import checkpoint  # noqa: E402
 import train_utils  # noqa: E402
 from data_utils import IGNORE_INDEX, collate_sft, num_targets  # noqa: E402
 
@@ -103,7 +105,7 @@ DEFINITIONS = {
                       "per unit (global: all parameters, per_param: each tensor)",
     "hook_overhead_ratio": "(hook step - plain step) / max(OGPSA step - plain step, projection_s), OGPSA = the "
                            "per_param K=2 variant (else the first)",
-    "refresh_ratio": "refresh_basis time / time of as many forward + backward micro-batches of the training shape",
+    "refresh_ratio": "basis refresh time / time of as many forward + backward micro-batches of the training shape",
 }
 DECISIONS = [
     "K=8 variants default to a bfloat16 basis: a float32 one is 2.6% of a 0.5B step at its bandwidth floor alone "
@@ -490,11 +492,12 @@ def time_projection(grad_slice, original, case, bandwidth, settings, clock):
 # ---------------------------------------------------------------------------------------------------------------
 
 def refresh_vs_training(backend, model, vocab, batches, targets, train_args, settings, clock, device, generator):
-    """`refresh_basis` over refresh_samples reference samples vs as many micro-batches of forward + backward."""
+    """`ReferenceGradients.refresh` over refresh_samples reference samples vs as many micro-batches of forward and
+    backward."""
     examples = [{"input_ids": ids, "labels": labels, "num_targets": num_targets(labels)}
                 for ids, labels in token_rows(settings, vocab, settings.refresh_samples, generator)]
-    reference = train_utils.ReferenceSet("random", examples, partial(collate_sft, pad_token_id=0),
-                                         train_utils.response_nll_sum, itemgetter("num_targets"))
+    reference = ogpsa_core.ReferenceSet("random", examples, partial(collate_sft, pad_token_id=0),
+                                        train_utils.response_nll_sum, itemgetter("num_targets"))
     micro_batches = sum(len(ogpsa_core.rank_micro_batches(chunk, 0, 1, train_args.base_batch_size))
                         for chunk in ogpsa_core.reference_chunks(len(examples), train_args.base_num_samples,
                                                                  train_args.base_directions))
@@ -507,7 +510,9 @@ def refresh_vs_training(backend, model, vocab, batches, targets, train_args, set
     projector = ogpsa_core.Projector(backend.grad_slice, scope="per_param", method="orthogonal_projection",
                                      basis="qr", dtype=torch.float32)
     start = clock.mark()
-    reported = train_utils.refresh_basis(projector, backend, model, [reference], train_args, 0, device)
+    references = ogpsa_core.ReferenceGradients([reference], train_args.base_num_samples, train_args.base_directions,
+                                               train_args.base_batch_size)
+    reported = references.refresh(projector, backend, model, 0, device)
     refresh_s = clock.seconds(start, clock.mark())
     return {"samples": len(examples), "directions": train_args.base_directions, "scope": "per_param",
             "micro_batches": micro_batches, "refresh_s": refresh_s, "refresh_reported_s": reported,
@@ -532,7 +537,7 @@ def prepared(name, accelerator, train_args, settings):
     model = build_model(name, accelerator.device, name in CHECKPOINTED, settings.seed)
     optimizer = train_utils.build_optimizer(model, train_args)
     model, optimizer = accelerator.prepare(model, optimizer)
-    return model, train_utils.make_backend(accelerator, model, optimizer)
+    return model, backends.make_backend(accelerator, model, optimizer)
 
 
 def single_process(name, accelerator, train_args, bandwidth, settings, clock):
@@ -568,7 +573,7 @@ def zero2_worker(settings):
                                             torch.Generator().manual_seed(settings.seed))
         log(f"{name}: optimizer steps, DeepSpeed ZeRO-2 with one process")
         section = time_steps(backend, model, batches, targets, settings, Clock(device), device, hook_baseline=False)
-    train_utils.write_json(settings.worker_output, section)
+    checkpoint.write_json(settings.worker_output, section)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
@@ -805,7 +810,7 @@ def main():
                           "wall_s": round(time.perf_counter() - started, 1)}
     output = Path(settings.output) if settings.output else default_output(results["environment"]["device"])
     output.parent.mkdir(parents=True, exist_ok=True)
-    train_utils.write_json(output, results)
+    checkpoint.write_json(output, results)
     print(markdown(results), flush=True)
     log(f"results: {output} ({results['summary']['wall_s']} s)")
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import relative_error, run_script
+from helpers import float32_rtol, relative_error, run_script
 
 
 def gathered(folder, nproc, key):
@@ -59,7 +59,9 @@ def test_collection_is_the_mean_token_gradient_of_each_chunk(single, tiny_model)
             (response_nll_sum(model, batch) / sum(e["num_targets"] for e in chunk)).backward()
             expected.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     directions, _ = gathered(single, 1, "directions")
-    assert relative_error(directions, torch.stack(expected)) < 1e-5
+    # float32 gradients of the same loss, batched differently: each entry sums at most a few thousand token
+    # contributions, so they differ by float32 rounding (helpers.float32_rtol).
+    assert relative_error(directions, torch.stack(expected)) < float32_rtol(4096)
 
 
 @pytest.mark.parametrize("backend", ["ddp", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload"])
@@ -71,4 +73,4 @@ def test_two_processes_collect_what_one_does(single, tiny_model, tmp_path, backe
     two, parts = gathered(tmp_path, 2, "directions")
     check_invariants(parts)
     for k in range(one.shape[0]):
-        assert relative_error(two[k], one[k]) < 1e-5
+        assert relative_error(two[k], one[k]) < float32_rtol(4096)

@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import ogpsa_core
-from helpers import FlatSlice, relative_error
+from helpers import FlatSlice, float32_rtol, relative_error
 
 LENGTHS = [64, 8, 64, 8, 64, 8, 5, 33, 64, 8, 1, 17]
 SPLIT = 100  # rank 0 owns entries [0, 100): the third parameter (64..136) straddles the two partitions
@@ -57,9 +57,11 @@ def test_two_rank_sharded_projection_equals_single_process(tmp_path, scope, basi
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     mp.spawn(worker, args=(str(tmp_path / "init"), scope, basis, method, results), nprocs=2)
     grads, bases, stats = zip(*(results[r] for r in range(2)))
-    assert relative_error(torch.cat(grads), single.flat) < 1e-6
-    assert relative_error(torch.cat(bases, dim=1), projector.basis) < 1e-5  # each rank holds only its columns
+    # The same sums, split into two partial sums: float32 rounding of sums over the layout (helpers.float32_rtol).
+    tol = float32_rtol(sum(LENGTHS), grad.norm() / single.flat.norm())
+    assert relative_error(torch.cat(grads), single.flat) < tol
+    assert relative_error(torch.cat(bases, dim=1), projector.basis) < float32_rtol(sum(LENGTHS))  # own columns
     assert bases[0].shape == (3, SPLIT)
     for stat in stats:  # diagnostics are global: identical on both ranks
-        assert stat.grad_norm == pytest.approx(expected_stats.grad_norm, rel=1e-6)
-        assert stat.grad_norm_projected == pytest.approx(expected_stats.grad_norm_projected, rel=1e-6)
+        assert stat.grad_norm == pytest.approx(expected_stats.grad_norm, rel=float32_rtol(sum(LENGTHS)))
+        assert stat.grad_norm_projected == pytest.approx(expected_stats.grad_norm_projected, rel=tol)

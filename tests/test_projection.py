@@ -8,6 +8,8 @@ from helpers import FlatSlice, float32_rtol, reference_projection, relative_erro
 
 # A layout with repeated shapes (as transformer layers have) and odd sizes, so strided batching is exercised.
 LAYOUT = [64, 8, 64, 8, 64, 8, 5, 33, 64, 8, 1, 17]
+# float32 bound for sums over the whole layout (see helpers.float32_rtol): 1.8e-5; wrong formulas miss by O(1).
+TOL = float32_rtol(sum(LAYOUT))
 
 
 def make(lengths=LAYOUT, k=2, seed=0, num_pieces=1, **projector_kwargs):
@@ -29,11 +31,12 @@ def test_projection_matches_float64_reference(scope, basis, k, num_pieces):
     projector.set_directions_(directions.clone(), step=0)
     stats = projector.project_(diagnostics=True)
     expected = reference_projection(grad, directions, LAYOUT, scope)
-    assert relative_error(grad_slice.flat, expected) < 1e-5
-    assert stats.max_abs_cos < 1e-5  # U^T g' ~ 0
-    assert stats.grad_norm == pytest.approx(grad.norm().item(), rel=1e-5)
-    assert stats.grad_norm_projected == pytest.approx(expected.norm().item(), rel=1e-5)
-    assert stats.removed_fraction == pytest.approx(1 - expected.norm().item() / grad.norm().item(), abs=1e-5)
+    tol = float32_rtol(sum(LAYOUT), grad.norm() / expected.norm())  # g' is what is left after cancellation
+    assert relative_error(grad_slice.flat, expected) < tol
+    assert stats.max_abs_cos < tol  # U^T g' ~ 0
+    assert stats.grad_norm == pytest.approx(grad.norm().item(), rel=TOL)
+    assert stats.grad_norm_projected == pytest.approx(expected.norm().item(), rel=tol)
+    assert stats.removed_fraction == pytest.approx(1 - expected.norm().item() / grad.norm().item(), abs=tol)
 
 
 @pytest.mark.parametrize("scope", ogpsa_core.SCOPES)
@@ -57,7 +60,7 @@ def test_projecting_twice_changes_nothing(scope, basis):
     projector.project_()
     once = grad_slice.flat.clone()
     projector.project_()
-    assert (grad_slice.flat - once).norm() <= 1e-6 * once.norm()
+    assert (grad_slice.flat - once).norm() <= TOL * once.norm()  # only rounding is left to remove
 
 
 @pytest.mark.parametrize("scope", ogpsa_core.SCOPES)
@@ -71,7 +74,7 @@ def test_qr_and_svd_span_the_same_space(scope):
     start = 0
     for length in lengths:  # orthogonal projector onto the span, unit by unit
         qr, svd = (b[:, start:start + length] for b in (bases["qr"], bases["svd"]))
-        assert torch.allclose(qr.T @ qr, svd.T @ svd, atol=1e-5)
+        assert torch.allclose(qr.T @ qr, svd.T @ svd, atol=TOL)  # float32 bases, compared in float64
         start += length
 
 
@@ -86,8 +89,10 @@ def test_rank_deficient_zero_and_parallel_directions(scope, basis):
     assert not torch.isnan(projector.basis).any()
     assert int(projector.rank_per_unit.max()) == 2
     stats = projector.project_(diagnostics=True)
-    assert relative_error(grad_slice.flat, reference_projection(grad, directions, LAYOUT, scope)) < 1e-5
-    assert stats.max_abs_cos < 1e-5
+    expected = reference_projection(grad, directions, LAYOUT, scope)
+    tol = float32_rtol(sum(LAYOUT), grad.norm() / expected.norm())
+    assert relative_error(grad_slice.flat, expected) < tol
+    assert stats.max_abs_cos < tol
 
 
 @pytest.mark.parametrize("scope", ogpsa_core.SCOPES)
@@ -105,7 +110,8 @@ def test_a_parameter_with_zero_reference_gradient_is_left_alone():
     projector.set_directions_(directions.clone(), step=0)
     projector.project_()
     assert torch.equal(grad_slice.flat[64:72], grad[64:72])
-    assert relative_error(grad_slice.flat, reference_projection(grad, directions, LAYOUT, "per_param")) < 1e-5
+    expected = reference_projection(grad, directions, LAYOUT, "per_param")
+    assert relative_error(grad_slice.flat, expected) < float32_rtol(sum(LAYOUT), grad.norm() / expected.norm())
 
 
 @pytest.mark.parametrize("basis", ogpsa_core.BASES)
@@ -133,7 +139,7 @@ def test_threshold_method_matches_reference_rule(scope, k, sign):
     projector.set_directions_(directions.clone(), step=0)
     projector.project_()
     expected = reference_projection(grad, directions, LAYOUT, scope, method="threshold", scale=0.5)
-    assert relative_error(grad_slice.flat, expected) < 1e-5
+    assert relative_error(grad_slice.flat, expected) < float32_rtol(sum(LAYOUT), grad.norm() / expected.norm())
 
 
 def test_single_direction_threshold_is_the_reference_rule():
@@ -199,4 +205,5 @@ def test_chunked_casts_give_the_same_projection(monkeypatch, scope):
         projector.set_directions_(directions, step=0)
         projector.project_()
         results.append(grad_slice.flat)
-    assert torch.allclose(results[0], results[1], rtol=1e-6, atol=1e-6)
+    # Same products, only the casts split differently: float32 rounding of the gathered sums at most.
+    assert relative_error(results[0], results[1]) < TOL

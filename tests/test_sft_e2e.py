@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import (load_weights, read_log, reference_projection, relative_error, run_script,
+from helpers import (WEIGHTS_RTOL, load_weights, read_log, reference_projection, relative_error, run_script,
                      weights_relative_difference)
 from train_utils import build_parser, check_args
 
@@ -63,7 +63,7 @@ def test_resumed_run_equals_uninterrupted(tiny_model, tmp_path, scope):
     run_script("train_sft_pg.py", sft_args(tiny_model, interrupted, save_strategy="steps", save_steps=3,
                                            resume_from_checkpoint="True", **common))
     difference = weights_relative_difference(load_weights(tmp_path / "full"), load_weights(interrupted))
-    assert difference <= 1e-5, difference
+    assert difference <= WEIGHTS_RTOL, difference
 
 
 @pytest.mark.parametrize("scope", ["per_param", "global"])

@@ -16,9 +16,10 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from data_utils import collate_sft, load_tokenized
-from ogpsa_core import read_gradient_
-from train_utils import (ReferenceSet, build_optimizer, build_parser, check_args, load_model, load_tokenizer,
-                         make_accelerator, make_backend, refresh_basis, response_nll_sum, to_device)
+from backends import make_backend
+from ogpsa_core import ReferenceGradients, ReferenceSet, read_gradient_
+from train_utils import (build_optimizer, build_parser, check_args, load_model, load_tokenizer, make_accelerator,
+                         response_nll_sum, to_device)
 
 
 class CapturingProjector:
@@ -69,7 +70,8 @@ def main():
     before = training_gradient()
     rng = torch.get_rng_state()
     projector = CapturingProjector()
-    refresh_basis(projector, backend, model, sets, args, 0, device)
+    ReferenceGradients(sets, args.base_num_samples, args.base_directions, args.base_batch_size).refresh(
+        projector, backend, model, 0, device)
     leftover = torch.zeros(backend.grad_slice.numel)
     try:
         read_gradient_(backend.grad_slice, leftover)

@@ -9,11 +9,12 @@ wrong map whose edited memory is still exactly what DeepSpeed steps with (only t
 
 import sys
 
+import backends
 import ogpsa_core
 import train_sft_pg
 
 
-class HpMappingSlice(ogpsa_core.ZeroGradSlice):
+class HpMappingSlice(backends.ZeroGradSlice):
     def __init__(self, zero_optimizer, params):
         super().__init__(zero_optimizer, params)
         index = {id(p): i for i, p in enumerate(params)}
@@ -32,7 +33,7 @@ class HpMappingSlice(ogpsa_core.ZeroGradSlice):
         return ogpsa_core.merge_adjacent_views(views, [s.start for s in self.segments])
 
 
-class SwappedSlice(ogpsa_core.ZeroGradSlice):
+class SwappedSlice(backends.ZeroGradSlice):
     def __init__(self, zero_optimizer, params):
         super().__init__(zero_optimizer, params)
         whole = [i for i, s in enumerate(self.segments)
@@ -46,5 +47,5 @@ class SwappedSlice(ogpsa_core.ZeroGradSlice):
 
 if __name__ == "__main__":
     mode = sys.argv.pop(1)
-    ogpsa_core.ZeroGradSlice = {"hp_mapping": HpMappingSlice, "swapped": SwappedSlice}[mode]
+    backends.ZeroGradSlice = {"hp_mapping": HpMappingSlice, "swapped": SwappedSlice}[mode]
     train_sft_pg.main()

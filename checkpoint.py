@@ -1,0 +1,254 @@
+"""Checkpoints and the output folder: safetensors for tensors, JSON for the rest, never a pickle; every file is
+written under a temporary name and moved into place whole, so a run killed at any moment leaves the previous
+checkpoints usable.
+
+OUTPUT_DIR/checkpoint-STEP holds the model and tokenizer, the optimizer state (per rank under ZeRO), the schedule,
+each rank's RNG state, the OGPSA basis (per rank under ZeRO) and the loop's extra state (e.g. tokens seen).
+"""
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def resolve_resume(args):
+    """The checkpoint to resume from, or None; refuses to silently overwrite an earlier run's checkpoints."""
+    resume = args.resume_from_checkpoint
+    if resume in (None, "", "False", "false"):
+        if checkpoints(args.output_dir) and not args.overwrite_output_dir:
+            raise SystemExit(f"{args.output_dir} already holds checkpoints: pass --resume_from_checkpoint True to "
+                             "continue, or --overwrite_output_dir True to start afresh")
+        return None
+    if resume in ("True", "true", "latest"):
+        found = checkpoints(args.output_dir)
+        if not found:
+            raise SystemExit(f"--resume_from_checkpoint {resume}: no checkpoint in {args.output_dir}")
+        return str(found[-1])
+    if not Path(resume, "trainer_state.json").is_file():
+        raise SystemExit(f"--resume_from_checkpoint {resume}: not a complete checkpoint (no trainer_state.json)")
+    return resume
+
+
+def prepare_output_dir(args, accelerator):
+    """Create OUTPUT_DIR; a fresh run with --overwrite_output_dir removes the checkpoints an earlier run left."""
+    if accelerator.is_main_process:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        if not args.resume_from_checkpoint:
+            for old in checkpoints(args.output_dir):
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def checkpoints(output_dir):
+    """Complete checkpoints in OUTPUT_DIR, oldest first (partial ones are never renamed into place)."""
+    found = [p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def _split_state(state, prefix=""):
+    """Nested dict/list state -> (flat tensors for safetensors, JSON-able skeleton with tensor keys)."""
+    tensors = {}
+
+    def walk(node, key):
+        if isinstance(node, torch.Tensor):
+            tensors[key] = node.detach().contiguous().cpu()
+            return {"__tensor__": key}
+        if isinstance(node, dict):
+            return {"__dict__": [[walk(k, f"{key}.k{i}"), walk(v, f"{key}.{i}")]
+                                 for i, (k, v) in enumerate(node.items())]}
+        if isinstance(node, (list, tuple)):
+            return [walk(v, f"{key}.{i}") for i, v in enumerate(node)]
+        if node is None or isinstance(node, (int, float, str, bool)):
+            return node
+        raise TypeError(f"cannot checkpoint a {type(node).__name__} at {key}")
+
+    return tensors, walk(state, prefix or "state")
+
+
+def _join_state(skeleton, tensors):
+    def walk(node):
+        if isinstance(node, dict) and "__tensor__" in node:
+            return tensors[node["__tensor__"]]
+        if isinstance(node, dict):
+            return {walk(k): walk(v) for k, v in node["__dict__"]}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    return walk(skeleton)
+
+
+def save_state(state, folder, name):
+    """Write a nested state as NAME.safetensors + NAME.json (never a pickle)."""
+    tensors, skeleton = _split_state(state)
+    save_file(tensors, str(Path(folder, f"{name}.safetensors")))
+    Path(folder, f"{name}.json").write_text(json.dumps(skeleton))
+
+
+def load_state(folder, name, device="cpu"):
+    tensors = load_file(str(Path(folder, f"{name}.safetensors")), device=str(device))
+    return _join_state(json.loads(Path(folder, f"{name}.json").read_text()), tensors)
+
+
+def rng_state():
+    state = {"python": list(random.getstate()), "numpy": list(np.random.get_state()),
+             "torch": torch.get_rng_state()}
+    state["python"][1] = list(state["python"][1])
+    state["numpy"][1] = torch.from_numpy(state["numpy"][1].copy())
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    python = state["python"]
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    numpy = state["numpy"]
+    np.random.set_state((numpy[0], numpy[1].numpy(), *numpy[2:]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class Checkpointer:
+    """Writes and restores a run's checkpoints and its final model.
+
+    OUTPUT_DIR/checkpoint-STEP is written under a temporary name and renamed when complete: a run killed while
+    saving leaves the previous checkpoints untouched; the newest complete one resumes.
+    """
+
+    def __init__(self, args, accelerator, model, tokenizer, backend, scheduler, projector):
+        self.args, self.accelerator, self.model, self.tokenizer = args, accelerator, model, tokenizer
+        self.backend, self.scheduler, self.projector = backend, scheduler, projector
+
+    def save(self, step, extra_state=None):
+        """Write OUTPUT_DIR/checkpoint-STEP; `extra_state` is the loop's own (nested tensors and scalars)."""
+        args, accelerator, backend, projector = self.args, self.accelerator, self.backend, self.projector
+        output = Path(args.output_dir)
+        final = output / f"checkpoint-{step}"
+        partial = output / f".partial-checkpoint-{step}"
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        self._save_model(partial)
+        if not args.save_only_model:
+            if backend.grad_slice.sharded or accelerator.is_main_process:
+                save_state(backend.optimizer_state(), partial, self.optimizer_file(accelerator.process_index))
+            if accelerator.is_main_process:
+                Path(partial, "scheduler.json").write_text(json.dumps(self.scheduler.state_dict()))
+            save_state(rng_state(), partial, f"rng_state_{accelerator.process_index}")
+            if projector is not None and (backend.grad_slice.sharded or accelerator.is_main_process):
+                basis_file = partial / f"ogpsa_basis_{accelerator.process_index}.safetensors"
+                save_file(projector.state_dict(), str(basis_file))
+            if extra_state:
+                save_state(extra_state, partial, f"extra_state_{accelerator.process_index}")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            trainer_state = {"global_step": step, "save_only_model": args.save_only_model,
+                             "world_size": accelerator.num_processes, "args": json_safe(vars(args))}
+            Path(partial, "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+            _fsync_tree(partial)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(partial, final)
+            if args.save_total_limit:
+                for old in checkpoints(output)[:-args.save_total_limit]:
+                    shutil.rmtree(old)
+        accelerator.wait_for_everyone()
+
+    def optimizer_file(self, rank):
+        return f"optimizer_{rank}" if self.backend.grad_slice.sharded else "optimizer"
+
+    def load(self, folder, global_batch):
+        """Restore optimizer, scheduler, RNG and the OGPSA basis; returns (step, extra_state or {})."""
+        args, accelerator, backend, projector = self.args, self.accelerator, self.backend, self.projector
+        trainer_state = json.loads(Path(folder, "trainer_state.json").read_text())
+        if trainer_state["save_only_model"]:
+            raise SystemExit(f"{folder} was saved with --save_only_model True: it holds no optimizer, scheduler or RNG "
+                             "state, so training cannot resume exactly. Start a new run from it with "
+                             f"--model_name_or_path {folder} instead")
+        saved = trainer_state["args"]
+        saved_batch = saved["per_device_train_batch_size"] * trainer_state["world_size"] * \
+            saved["gradient_accumulation_steps"]
+        for name, now, then in [("global batch size (per-device batch x processes x accumulation)", global_batch,
+                                 saved_batch), ("--seed", args.seed, saved["seed"]),
+                                ("--dataset", args.dataset, saved["dataset"])]:
+            if now != then:
+                raise SystemExit(f"cannot resume from {folder}: {name} was {then}, now {now}; the data order would "
+                                 "differ")
+        if backend.grad_slice.sharded and trainer_state["world_size"] != accelerator.num_processes:
+            raise SystemExit(f"cannot resume from {folder}: it was saved by {trainer_state['world_size']} processes "
+                             "and ZeRO shards the optimizer state and the OGPSA basis per process; resume with "
+                             f"{trainer_state['world_size']} processes")
+        backend.load_optimizer_state(load_state(folder, self.optimizer_file(accelerator.process_index), "cpu"))
+        self.scheduler.load_state_dict(json.loads(Path(folder, "scheduler.json").read_text()))
+        rank = accelerator.process_index
+        rng_file = Path(folder, f"rng_state_{rank}.json")
+        if rng_file.is_file():
+            set_rng_state(load_state(folder, f"rng_state_{rank}"))
+        if projector is not None:
+            basis_rank = rank if backend.grad_slice.sharded else 0
+            basis_file = Path(folder, f"ogpsa_basis_{basis_rank}.safetensors")
+            if not basis_file.is_file():
+                raise SystemExit(f"cannot resume from {folder}: it has no OGPSA basis for rank {basis_rank} (was it "
+                                 "saved without projection, or with another number of processes?)")
+            projector.load_state_dict(load_file(str(basis_file)))
+        extra_file = Path(folder, f"extra_state_{rank}.json")
+        extra = load_state(folder, f"extra_state_{rank}") if extra_file.is_file() else {}
+        return trainer_state["global_step"], extra
+
+    def save_final_model(self):
+        """Model (safetensors) and tokenizer into OUTPUT_DIR, each file moved into place whole."""
+        args, accelerator = self.args, self.accelerator
+        staging = Path(args.output_dir, ".partial-final-model")
+        if accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+        self._save_model(staging)
+        if accelerator.is_main_process:
+            _fsync_tree(staging)
+            for path in staging.iterdir():
+                os.replace(path, Path(args.output_dir, path.name))
+            staging.rmdir()
+        accelerator.wait_for_everyone()
+
+    def _save_model(self, folder):
+        """Model (safetensors; gathered from every rank under ZeRO-3) and tokenizer into `folder`."""
+        state_dict = self.accelerator.get_state_dict(self.model)
+        if self.accelerator.is_main_process:
+            self.accelerator.unwrap_model(self.model).save_pretrained(folder, state_dict=state_dict,
+                                                                      safe_serialization=True)
+            self.tokenizer.save_pretrained(folder)
+
+
+def _fsync_tree(folder):
+    for path in Path(folder).iterdir():
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+
+
+def is_save_step(args, step, steps_per_epoch):
+    return (args.save_strategy == "steps" and step % args.save_steps == 0) or \
+        (args.save_strategy == "epoch" and step % steps_per_epoch == 0)
+
+
+def json_safe(config):
+    return {k: v if isinstance(v, (int, float, str, bool)) or v is None else str(v) for k, v in config.items()}
+
+
+def write_json(path, obj):
+    """Write JSON atomically (temporary file, then rename)."""
+    write_text_atomic(path, json.dumps(obj, indent=2))
+
+
+def write_text_atomic(path, text):
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
