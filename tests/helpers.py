@@ -66,7 +66,7 @@ def float32_rtol(n, amplification=1.0):
     magnifies that by ||inputs|| / ||result||, passed as `amplification`. A factor 8 leaves room for the few
     sums chained in a projection. A wrong formula misses by O(1).
     """
-    return 8 * torch.finfo(torch.float32).eps * n ** 0.5 * amplification
+    return float(8 * torch.finfo(torch.float32).eps * n ** 0.5 * amplification)
 
 
 # Two float32 training runs of the same function whose sums are grouped differently (another process count or
