@@ -24,7 +24,7 @@ import ogpsa_core
 from ogpsa_core import GradSlice, Segment, merge_adjacent_views
 
 # DeepSpeed zero_optimization keys that decide where each gradient entry lands on which rank, with DeepSpeed's
-# defaults; the guard names those a config changes. The README's "DeepSpeed settings" says which are supported.
+# defaults; the guard names those a config changes. The README's "DeepSpeed config files" says which are supported.
 PARTITION_KEYS = {"round_robin_gradients": False, "overlap_comm": False, "contiguous_gradients": True,
                   "reduce_scatter": True, "reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8,
                   "use_multi_rank_bucket_allreduce": True, "stage3_param_persistence_threshold": 1e5,
@@ -38,6 +38,7 @@ PARTITION_KEYS = {"round_robin_gradients": False, "overlap_comm": False, "contig
 # bug left 0.09-0.18.
 GUARD_NORM_RTOL = 1e-3
 GUARD_MAX_COS = {torch.float32: 1e-3, torch.bfloat16: 4 * 2.0 ** -8}
+
 
 def configure_deepspeed(config, args, world_size):
     """Fill the DeepSpeed config's "auto" values from the flags; refuse settings OGPSA cannot honour."""
@@ -85,13 +86,14 @@ def configure_deepspeed(config, args, world_size):
         zero["stage3_gather_16bit_weights_on_model_save"] = True  # checkpoints hold the whole model
 
 
-
 class Backend:
     """Single process or DDP through Accelerate. Gradients live in one flat buffer (see ReplicatedGradSlice).
 
     The training loop calls, per optimizer step: `micro_batch(sync)` + `backward(loss)` for each micro-batch
     (sync=True on the last one, where DDP reduces), then projects `grad_slice`, then `clip_and_step(max_norm)`.
     """
+
+    partition_settings = {}  # DeepSpeed zero_optimization keys the config moves from their defaults
 
     def __init__(self, accelerator, model, optimizer):
         self.accelerator, self.model, self.optimizer = accelerator, model, optimizer
@@ -146,7 +148,7 @@ class Backend:
             problems.append(f"{int(count.item())} parameter pieces are not where the projection's coordinates put "
                             f"them (on this rank: parameters {misplaced[:5]})")
         if problems:
-            settings = ", ".join(f"{k}={v}" for k, v in getattr(self, "partition_settings", {}).items())
+            settings = ", ".join(f"{k}={v}" for k, v in self.partition_settings.items())
             raise SystemExit("OGPSA guard: the projection does not act on the gradient the optimizer steps with: "
                              + "; ".join(problems) + ". "
                              + (f"Likely cause: the DeepSpeed zero_optimization settings that move gradient "

@@ -67,7 +67,8 @@ def single_runs(tiny_model, tmp_path_factory):
     return get
 
 
-TWO_PROCESS_RUNS = [(backend, "sft") for backend in BACKENDS] + [(b, "dpo") for b in ("ddp", "zero1", "zero2", "zero3")]
+TWO_PROCESS_RUNS = [(backend, "sft") for backend in BACKENDS] + \
+    [(b, "dpo") for b in ("ddp", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload")]
 
 
 @pytest.mark.parametrize("backend, script", TWO_PROCESS_RUNS)
