@@ -100,6 +100,12 @@ class Backend:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.grad_slice = ogpsa_core.ReplicatedGradSlice(self.params)
         self.scheduled_optimizer = optimizer
+        self.update_projector = None
+
+    def project_steps(self, update_projector):
+        """Project every optimizer step's change of the parameters (--base_project_update), right after the
+        optimizer has stepped."""
+        self.update_projector = update_projector
 
     def micro_batch(self, sync):
         """Context for one micro-batch's forward and backward; gradients are reduced across ranks only if sync."""
@@ -113,6 +119,8 @@ class Backend:
         would wait for the device, so the loop reads it only when it logs)."""
         norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm if max_norm > 0 else float("inf"))
         self.optimizer.step()
+        if self.update_projector is not None:
+            self.update_projector.project_()
         self.zero_grad()
         return norm
 
@@ -179,10 +187,32 @@ class DeepSpeedBackend(Backend):
         self.scheduled_optimizer = self.zero.optimizer  # the torch optimizer ZeRO steps: the schedule sets its lr
         self.params = [p for p in engine.module.parameters() if p.requires_grad]
         self.grad_slice = grad_slice_class(self.zero, self.params)
+        self.update_projector = None
         self.masters = [master for _, master in self.grad_slice.masters()]
         zero_config = accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"]
         self.partition_settings = {k: v for k, v in zero_config.items()
                                    if k in PARTITION_KEYS and v not in (PARTITION_KEYS[k], "auto")}
+
+    def project_steps(self, update_projector):
+        """ZeRO steps its float32 partitions one (sub-)group at a time and copies each to the model's precision
+        right after its step; it gathers them once all have stepped. The step's change is projected once the
+        last group has stepped, over all groups (the global scope couples them), and the earlier groups' copies
+        are redone; DeepSpeed copies the last group and gathers as usual, so no extra communication. None
+        restores DeepSpeed's own group step."""
+        self.update_projector = update_projector
+        self.zero.__dict__.pop("_optimizer_step", None)
+        if update_projector is None:
+            return
+        step_group, last = self.zero._optimizer_step, self.num_groups - 1
+
+        def step_group_then_project(group):
+            step_group(group)
+            if group == last:
+                update_projector.project_()
+                for earlier in range(last):
+                    self.copy_to_model_precision(earlier)
+
+        self.zero._optimizer_step = step_group_then_project
 
     def micro_batch(self, sync):
         self.engine.set_gradient_accumulation_boundary(sync)
@@ -241,6 +271,13 @@ class DeepSpeedBackend(Backend):
 class Zero12Backend(DeepSpeedBackend):
     def __init__(self, accelerator, engine, optimizer):
         super().__init__(accelerator, engine, optimizer, ZeroGradSlice)
+        self.num_groups = len(self.zero.bit16_groups)
+
+    def copy_to_model_precision(self, group):
+        """As step() does after the group's optimizer step: this rank's partition into the model's flat buffer."""
+        rank = dist.get_rank(group=self.zero.real_dp_process_group[group])
+        self.zero.parallel_partitioned_bit16_groups[group][rank].data.copy_(
+            self.zero.single_partition_of_fp32_groups[group].data)
 
     def forget_gradient(self):
         for cache in (self.zero.averaged_gradients, self.zero.all_grad_tensors):
@@ -252,6 +289,10 @@ class Zero12Backend(DeepSpeedBackend):
 class Zero3Backend(DeepSpeedBackend):
     def __init__(self, accelerator, engine, optimizer):
         super().__init__(accelerator, engine, optimizer, Zero3GradSlice)
+        self.num_groups = len(self.zero.fp16_groups)
+
+    def copy_to_model_precision(self, group):
+        self.zero._reassign_or_swap_out_partitioned_parameters(group)
 
     def forget_gradient(self):
         for key in self.zero.averaged_gradients:

@@ -334,11 +334,10 @@ class Projector:
             self._batch_cache[key] = plan_strided_batches(inside, device)
         return self._batch_cache[key]
 
-    def _pieces(self, basis=None):
-        """(basis columns, gradient view, strided batches) for every piece of this rank's slice."""
-        basis = self.basis if basis is None else basis
-        return [(basis[:, start:start + view.numel()], view, self._batches(start, view.numel(), view.device))
-                for start, view in self.grad_slice.pieces()]
+    def _pieces(self, target):
+        """(basis columns, target view, strided batches) for every (start, view) piece of the target."""
+        return [(self.basis[:, start:start + view.numel()], view, self._batches(start, view.numel(), view.device))
+                for start, view in target]
 
     def _coefficients(self, pieces):
         """Per-unit inner products U_unit^T g, summed over ranks: (units, K) float32."""
@@ -366,13 +365,15 @@ class Projector:
 
     # -- projection ----------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def project_(self, diagnostics=False):
+    def project_(self, diagnostics=False, target=None):
         """Project this rank's gradient slice in place; return `ProjectionStats` when `diagnostics` is set.
 
-        Cost without diagnostics: two passes over the basis and the gradient (coefficients, then subtraction)
-        and one all-reduce of the coefficient table when the slice is sharded. Diagnostics add two passes.
+        `target`: (start, view) pieces of another vector in the same local coordinates to project instead (the
+        optimizer's step, see `UpdateProjector`). Cost without diagnostics: two passes over the basis and the
+        gradient (coefficients, then subtraction) and one all-reduce of the coefficient table when the slice is
+        sharded. Diagnostics add two passes.
         """
-        pieces = self._pieces()
+        pieces = self._pieces(self.grad_slice.pieces() if target is None else target)
         sq_before = self._unit_sq_norms(pieces) if diagnostics else None
         coeff = self._coefficients(pieces)
         if self.method == "threshold":
@@ -598,28 +599,46 @@ class UpdateProjector:
     """Project the optimizer's parameter step too: theta <- before + P(theta - before).
 
     AdamW rescales every coordinate, so the step it takes from a projected gradient keeps a component in the
-    basis. `snapshot()` before the optimizer step keeps one copy of the parameters; `project_()` after it stages
-    the change in the gradient buffer (free after the step), projects it there with the same basis and scope, and
-    writes the parameters back. For replicated gradients (one process, DDP), whose flat buffer has the
-    parameters' layout.
+    basis. `snapshot()` before the optimizer step keeps one copy of what the optimizer updates; the backend calls
+    `project_()` once the optimizer has stepped (and, under ZeRO, before the float32 partitions are copied to the
+    model's precision and gathered; see `Backend.project_steps`). Where the optimizer updates the parameters
+    themselves (one process, DDP), the change is staged in the gradient buffer, free after the step, whose layout
+    the parameters share. Under ZeRO it updates this rank's float32 master partitions, in local coordinates:
+    each holds its change in place while it is projected, so the only extra memory is the partition-sized copy.
     """
 
     def __init__(self, projector, params):
         self.projector, self.params = projector, params
-        self.change = projector.grad_slice.flat
-        self.before = torch.empty_like(self.change)
+        self.masters = projector.grad_slice.masters()
+        like = self.masters[0][1] if self.masters else projector.grad_slice.flat
+        self.before = torch.empty(projector.grad_slice.numel, dtype=like.dtype, device=like.device)
+        self.diagnostics, self.stats, self.pending = False, None, False
 
     @torch.no_grad()
-    def snapshot(self):
-        torch.cat([p.reshape(-1) for p in self.params], out=self.before)
+    def snapshot(self, diagnostics=False):
+        """Keep the values the optimizer is about to update; `stats` will be filled on diagnostic steps."""
+        self.diagnostics, self.stats, self.pending = diagnostics, None, True
+        if self.masters:
+            for start, master in self.masters:
+                self.before[start:start + master.numel()].copy_(master.view(-1))
+        else:
+            torch.cat([p.reshape(-1) for p in self.params], out=self.before)
 
     @torch.no_grad()
-    def project_(self, diagnostics=False):
-        """Returns the projection's stats on diagnostic steps."""
-        torch.cat([p.reshape(-1) for p in self.params], out=self.change).sub_(self.before)
-        stats = self.projector.project_(diagnostics)
-        self.before.add_(self.change)
+    def project_(self):
+        if not self.pending:
+            raise RuntimeError("UpdateProjector.project_() without snapshot() before the optimizer step")
+        self.pending = False
+        if self.masters:
+            changes = [(start, master.view(-1).sub_(self.before[start:start + master.numel()]))
+                       for start, master in self.masters]
+            self.stats = self.projector.project_(self.diagnostics, target=changes)
+            for start, change in changes:
+                change.add_(self.before[start:start + change.numel()])
+            return
+        change = self.projector.grad_slice.flat
+        torch.cat([p.reshape(-1) for p in self.params], out=change).sub_(self.before)
+        self.stats = self.projector.project_(self.diagnostics)
+        self.before.add_(change)
         for param, segment in zip(self.params, self.projector.grad_slice.segments):
             param.copy_(self.before[segment.start:segment.start + segment.length].view_as(param))
-        self.change.zero_()
-        return stats

@@ -26,10 +26,11 @@ from accelerate.utils import set_seed
 from backends import make_backend, prepare_reference_model
 from checkpoint import Checkpointer, is_save_step, prepare_output_dir, write_json
 from data_utils import DataError, StepSampler, collate_pairs, collate_sft, is_ranking, load_tokenized
-from ogpsa_core import ReferenceGradients, ReferenceSet, UpdateProjector
+from ogpsa_core import ReferenceGradients, ReferenceSet
 from train_utils import (MetricLog, build_optimizer, build_parser, build_scheduler, check_args, end_run, flag,
-                         load_model, load_tokenizer, make_accelerator, make_projector, projection_scalars,
-                         response_nll_sum, response_positions, to_device, token_logps, total_optimizer_steps)
+                         load_model, load_tokenizer, make_accelerator, make_projector, make_update_projector,
+                         projection_scalars, response_nll_sum, response_positions, to_device, token_logps,
+                         total_optimizer_steps)
 
 
 LOSSES = ("sigmoid", "ipo", "hinge")
@@ -166,7 +167,7 @@ def main():
     total_steps = total_optimizer_steps(args, sampler.steps_per_epoch)
     scheduler = build_scheduler(backend.scheduled_optimizer, args, total_steps)
     projector = make_projector(args, backend)
-    update_projector = UpdateProjector(projector, backend.params) if args.base_project_update else None
+    update_projector = make_update_projector(args, backend, projector)
     checkpoints = Checkpointer(args, accelerator, model, tokenizer, backend, scheduler, projector)
     step, extra = 0, {}
     if args.resume_from_checkpoint:
@@ -249,12 +250,12 @@ def main():
         check_now = log_now or step == first_step  # the guard below runs on these steps
         stats = projector.project_(diagnostics=check_now) if projector is not None else None
         learning_rate = scheduler.get_last_lr()[0]
-        if update_projector is not None:  # AdamW rescales coordinates: project the step itself too
-            update_projector.snapshot()
+        if update_projector is not None:  # AdamW rescales coordinates: the backend projects the step too
+            update_projector.snapshot(diagnostics=log_now)
         grad_norm = backend.clip_and_step(args.max_grad_norm)
         if stats is not None:  # stop if the projection did not act on the gradient the optimizer stepped with
             backend.check_projection(stats, grad_norm, projector)
-        update_stats = update_projector.project_(log_now) if update_projector is not None else None
+        update_stats = update_projector.stats if update_projector is not None else None
         scheduler.step()
         step += 1
         metrics.bar.update(1)

@@ -274,12 +274,18 @@ def total_optimizer_steps(args, steps_per_epoch):
 def make_projector(args, backend):
     if args.base_method == "none":
         return None
-    if args.base_project_update and backend.grad_slice.sharded:
-        raise SystemExit("--base_project_update is not supported under DeepSpeed: the update happens inside the "
-                         "engine's step, on its float32 partitions; use one process or DDP")
     return ogpsa_core.Projector(backend.grad_slice, scope=args.base_scope, method=args.base_method,
                                 basis=args.base_basis, threshold=args.base_threshold, scale=args.base_scale,
                                 dtype=getattr(torch, args.base_dtype))
+
+
+def make_update_projector(args, backend, projector):
+    """--base_project_update: the backend projects every optimizer step's change (see Backend.project_steps)."""
+    if not args.base_project_update:
+        return None
+    update_projector = ogpsa_core.UpdateProjector(projector, backend.params)
+    backend.project_steps(update_projector)
+    return update_projector
 
 
 # ---------------------------------------------------------------------------------------------------------------

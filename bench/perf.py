@@ -4,7 +4,8 @@ On Qwen2-shaped models of about 0.5B and 1.5B parameters (random weights, float3
 with the reference SFT settings (micro-batch 4, gradient accumulation 4, seq 2048, AdamW, clip 1.0), it measures:
 
   steps       optimizer-step time and tokens/s of plain training and of OGPSA (default: per_param K=2, the
-              reference setting; global K=2; global K=8 with a bf16 basis), each OGPSA variant interleaved with plain
+              reference setting; global K=2; global K=8 with a bf16 basis; per_param K=2 + update, which also
+              projects AdamW's step as --base_project_update does), each OGPSA variant interleaved with plain
               steps in the same process; single process (Accelerate) and DeepSpeed ZeRO-2 with one process (a
               torchrun worker of this script, one per model);
   hook        the reference implementation's approach, written here as the baseline: a hook on every parameter
@@ -75,7 +76,7 @@ PRESETS = {
                 refresh_samples=8, projection_reps=2, copy_mib=16),
 }
 # K=8 gets a bf16 basis: in float32 its bandwidth floor alone is 2.6% of a 0.5B step, and it is 49 GB at 1.5B.
-DEFAULT_VARIANTS = "per_param:2:float32,global:2:float32,global:8:bfloat16"
+DEFAULT_VARIANTS = "per_param:2:float32,global:2:float32,global:8:bfloat16,per_param:2:float32:update"
 PROJECTION_CASES = [("global", 2), ("global", 8), ("per_param", 2)]
 BASIS_DTYPES = ("float32", "bfloat16")
 REFRESH_DIRECTIONS = 2  # the reference setting: K=2
@@ -93,12 +94,15 @@ MARGIN_BYTES = 2 * GIB  # headroom kept free when deciding whether float32 direc
 DEFINITIONS = {
     "step_s": "median time of one optimizer step: grad_accum micro-batches of forward + backward, projection (OGPSA), "
               "clip to norm 1.0, AdamW, zero; measured rounds after warm-up, OGPSA and plain steps alternating",
-    "step_ratio": "OGPSA step_s / plain step_s of the same rounds",
+    "step_ratio": "OGPSA step_s / plain step_s of the same rounds; '+ update' variants (--base_project_update: "
+                  "the optimizer's step is projected too) are measured against no target",
     "tokens_per_s": "micro_batch x grad_accum x seq_len tokens (prompt included) / step_s",
     "projection_s": "median time of project_(diagnostics=False) inside the step",
     "overhead_s": "step_s - plain_step_s",
     "memory_ratio": "(peak of an OGPSA step - peak of a plain step with no basis) / expected_extra_bytes, where "
-                    "expected_extra_bytes = K x (gradient entries on this process) x bytes per basis element",
+                    "expected_extra_bytes = K x (gradient entries on this process) x bytes per basis element, plus "
+                    "for '+ update' variants the snapshot of what the optimizer updates (gradient entries x 4 bytes "
+                    "for float32 weights or master partitions)",
     "floor_bytes": "2 x basis bytes + 3 x float32 gradient bytes (basis and gradient read twice, gradient written "
                    "once); floor_s = floor_bytes / copy bandwidth (bytes read + written per second)",
     "relative_error": "||g' - g'_64|| / ||g'_64||, g'_64 = g - B^T (B g) in float64 over the same stored basis B, "
@@ -230,8 +234,8 @@ def training_batches(settings, vocab, device, generator):
     return batches, targets
 
 
-def train_step(backend, model, batches, targets, clock, projector=None):
-    """One optimizer step as train_sft_pg.py runs it; returns (step seconds, projection seconds)."""
+def train_step(backend, model, batches, targets, clock, projector=None, update_projector=None):
+    """One optimizer step as train_sft_pg.py runs it; returns (step seconds, gradient projection seconds)."""
     start = clock.mark()
     for m, batch in enumerate(batches):
         with backend.micro_batch(sync=m == len(batches) - 1):
@@ -240,6 +244,8 @@ def train_step(backend, model, batches, targets, clock, projector=None):
     if projector is not None:
         projector.project_(diagnostics=False)
     after = clock.mark()
+    if update_projector is not None:  # the backend projects the step inside clip_and_step
+        update_projector.snapshot()
     backend.clip_and_step(1.0)
     end = clock.mark()
     return clock.seconds(start, end), clock.seconds(before, after)
@@ -364,17 +370,24 @@ def time_variant(backend, plain, variant, plain_peak, settings, device):
     projector = ogpsa_core.Projector(backend.grad_slice, scope=variant["scope"], method="orthogonal_projection",
                                      basis="qr", dtype=getattr(torch, variant["dtype"]))
     basis_init = install_basis(projector, variant["k"])
+    update_projector = ogpsa_core.UpdateProjector(projector, backend.params) if variant["update"] else None
     peaks = []
 
     def ogpsa():
         reset_peak_memory(device)
-        result = plain(projector=projector)
+        backend.project_steps(update_projector)
+        try:
+            result = plain(projector=projector, update_projector=update_projector)
+        finally:
+            backend.project_steps(None)
         peaks.append(peak_memory(device))
         return result
 
     plain_runs, ogpsa_runs = interleaved(plain, ogpsa, settings.warmup, settings.steps)
     step_s, plain_s = median([r[0] for r in ogpsa_runs]), median([r[0] for r in plain_runs])
     expected = expected_basis_bytes(variant["k"], backend.grad_slice.numel, variant["dtype"])
+    if update_projector is not None:
+        expected += update_projector.before.numel() * update_projector.before.element_size()
     extra = max(peaks) - plain_peak if plain_peak is not None else None
     return {**variant, "basis_init": basis_init, "step_s": step_s, "plain_step_s": plain_s,
             "step_ratio": ratio(step_s, plain_s), "tokens_per_s": settings.tokens_per_step / step_s,
@@ -401,7 +414,8 @@ def time_hook_baseline(backend, plain, variants, settings, device):
     plain_runs, hook_runs = interleaved(plain, hooked, settings.warmup, settings.hook_steps)
     step_s, plain_s = median([r[0] for r in hook_runs]), median([r[0] for r in plain_runs])
     measured = [v for v in variants if "skipped" not in v]
-    reference = next((v for v in measured if v["scope"] == "per_param" and v["k"] == 2), measured[0] if measured
+    reference = next((v for v in measured if v["scope"] == "per_param" and v["k"] == 2 and not v["update"]),
+                     measured[0] if measured
                      else None)
     ogpsa_overhead = max(reference["overhead_s"], reference["projection_s"]) if reference else None
     return {"reference_gradients": "2 per tensor, float32, pageable CPU memory, copied on every micro-batch",
@@ -609,7 +623,8 @@ def forwarded_flags(settings, name):
 # ---------------------------------------------------------------------------------------------------------------
 
 def variant_name(case, separator=" "):
-    return separator.join([case["scope"], f"{'K=' if separator == ' ' else ''}{case['k']}", case["dtype"]])
+    return separator.join([case["scope"], f"{'K=' if separator == ' ' else ''}{case['k']}", case["dtype"]]
+                          + ([("+ " if separator == " " else "") + "update"] if case.get("update") else []))
 
 
 def environment(device):
@@ -632,7 +647,8 @@ def evaluate_targets(models, timed):
     for model, section in models.items():
         for backend in ("single", "zero2"):
             for variant in section.get(backend, {}).get("variants", []):
-                add("step_ratio", model, backend, variant_name(variant), variant.get("step_ratio"))
+                if not variant["update"]:  # the step projection's cost is measured, with no target
+                    add("step_ratio", model, backend, variant_name(variant), variant.get("step_ratio"))
                 add("memory_ratio", model, backend, variant_name(variant), variant.get("memory_ratio"))
         for case in section.get("projection", []):
             add("projection_floor_ratio", model, "single", variant_name(case), case.get("projection_floor_ratio"))
@@ -714,15 +730,16 @@ def default_output(device_name):
 # ---------------------------------------------------------------------------------------------------------------
 
 def parse_variants(text):
-    """'per_param:2:float32,global:8:bfloat16' -> [{"scope": "per_param", "k": 2, "dtype": "float32"}, ...]"""
+    """'per_param:2:float32,global:8:bfloat16:update' -> [{"scope": "per_param", "k": 2, "dtype": "float32",
+    "update": False}, ...]; a trailing ":update" also projects the optimizer's step (--base_project_update)."""
     variants = []
     for item in text.split(","):
         parts = item.split(":")
-        if len(parts) != 3 or parts[0] not in ogpsa_core.SCOPES or not parts[1].isdigit() or int(parts[1]) < 1 \
-                or parts[2] not in BASIS_DTYPES:
-            raise argparse.ArgumentTypeError(f"{item!r}: expected SCOPE:K:DTYPE with SCOPE in {ogpsa_core.SCOPES}, "
-                                             f"K >= 1, DTYPE in {BASIS_DTYPES}")
-        variants.append({"scope": parts[0], "k": int(parts[1]), "dtype": parts[2]})
+        if len(parts) not in (3, 4) or parts[0] not in ogpsa_core.SCOPES or not parts[1].isdigit() \
+                or int(parts[1]) < 1 or parts[2] not in BASIS_DTYPES or parts[3:] not in ([], ["update"]):
+            raise argparse.ArgumentTypeError(f"{item!r}: expected SCOPE:K:DTYPE[:update] with SCOPE in "
+                                             f"{ogpsa_core.SCOPES}, K >= 1, DTYPE in {BASIS_DTYPES}")
+        variants.append({"scope": parts[0], "k": int(parts[1]), "dtype": parts[2], "update": parts[3:] == ["update"]})
     return variants
 
 

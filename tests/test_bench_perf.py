@@ -23,13 +23,15 @@ def test_cpu_check_writes_every_section(tmp_path):
     # Steps: every variant, single process and ZeRO-2 (one process), plus the hook baseline; no GPU memory on a CPU.
     for backend in ("single", "zero2"):
         variants = tiny[backend]["variants"]
-        assert [(v["scope"], v["k"], v["dtype"]) for v in variants] == \
-            [("per_param", 2, "float32"), ("global", 2, "float32"), ("global", 8, "bfloat16")]
+        assert [(v["scope"], v["k"], v["dtype"], v["update"]) for v in variants] == \
+            [("per_param", 2, "float32", False), ("global", 2, "float32", False), ("global", 8, "bfloat16", False),
+             ("per_param", 2, "float32", True)]
         for v in variants:
             assert set(VARIANT_FIELDS) <= set(v) and "skipped" not in v
             assert v["step_s"] > 0 and v["plain_step_s"] > 0 and v["projection_s"] > 0
             assert v["peak_memory_bytes"] is None and v["memory_ratio"] is None
-            assert v["expected_extra_bytes"] == v["k"] * entries * (4 if v["dtype"] == "float32" else 2)
+            snapshot = entries * 4 if v["update"] else 0  # float32 weights (single) or master partition (ZeRO)
+            assert v["expected_extra_bytes"] == v["k"] * entries * (4 if v["dtype"] == "float32" else 2) + snapshot
         assert tiny[backend]["plain_peak_memory_bytes"] is None
     hook = tiny["single"]["hook_baseline"]
     assert hook["step_s"] > 0 and hook["hook_overhead_ratio"] is not None
