@@ -100,6 +100,8 @@ def _entry_spec(name, entry, dataset_dir, where):
             raise DataError(f"{where}: unknown tags {sorted(unknown)} (known: {', '.join(TAGS)})")
         tags = {key: entry["tags"].get(key) for key in TAGS}
     ranking = bool(entry.get("ranking", False))
+    if ranking and "columns" not in entry:  # LLaMA-Factory fails here (it has no default); the usual names
+        columns.update(chosen="chosen", rejected="rejected")
     if ranking and not (columns["chosen"] and columns["rejected"]):
         raise DataError(f"{where}: a ranking dataset needs columns.chosen and columns.rejected")
     num_samples = entry.get("num_samples")

@@ -239,7 +239,7 @@ REFUSED = [
     ({"columns": {"prompt": "instruction", "response": "output", "images": "images"}}, r"columns\.images: multimodal"),
     ({"columns": {"prompt": "instruction", "response": "output", "kto_tag": "tag"}}, r"columns\.kto_tag: KTO"),
     ({"formatting": "openai"}, r"field 'formatting': expected 'alpaca' or 'sharegpt', got 'openai'"),
-    ({"ranking": True}, r"a ranking dataset needs columns\.chosen and columns\.rejected"),
+    ({"ranking": True, "columns": {"prompt": "instruction"}}, r"a ranking dataset needs columns\.chosen and columns"),
     ({"num_samples": 0}, r"field 'num_samples': expected a positive integer"),
 ]
 
