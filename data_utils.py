@@ -1,26 +1,32 @@
-"""Datasets, chat templates, tokenisation and collators (LLaMA-Factory compatible).
+"""Datasets, chat templates, tokenisation and collators, following LLaMA-Factory 0.9.5's preprocessing.
 
 Datasets are named in `DATASET_DIR/dataset_info.json` exactly as in LLaMA-Factory:
 
-    "my_set": {"file_name": "my_set.json",            # or "hf_hub_url": "org/name" (+ "subset", "split", "folder")
+    "my_set": {"file_name": "my_set.json",            # a file or a folder; or "hf_hub_url": "org/name"
                "formatting": "alpaca",                 # or "sharegpt"
                "ranking": false,                       # true: preference pairs (chosen / rejected)
+               "subset": null, "split": "train", "folder": null, "num_samples": null,
                "columns": {"prompt": "instruction", "query": "input", "response": "output",
                            "history": "history", "system": "system", "messages": "conversations",
                            "chosen": "chosen", "rejected": "rejected"},
                "tags": {"role_tag": "from", "content_tag": "value", "user_tag": "human",
                         "assistant_tag": "gpt", "system_tag": "system"}}
 
-A name that is not in dataset_info.json may be a local .json/.jsonl file or a hub dataset ("org/name"); its
-formatting and ranking are then read from its columns.
+As in LLaMA-Factory, an entry with "columns" uses only the columns it names (the others are unset), and likewise
+for "tags". A name that is not in dataset_info.json may be a local .json/.jsonl file or a hub dataset ("org/name");
+its formatting and ranking are then read from its columns (not LLaMA-Factory's behaviour: it needs an entry).
 
-Every row becomes a conversation {"system", "turns": [(user, assistant), ...]} (SFT) or
-{"system", "turns", "prompt", "chosen", "rejected"} (pairs), is rendered with the tokenizer's chat template (or
---template NAME) and tokenised piece by piece so that the loss covers response tokens only.
+Every row becomes a conversation {"row", "system", "turns": [(user, assistant), ...]} (SFT) or
+{"row", "system", "turns", "prompt", "chosen", "rejected"} (pairs). Rows LLaMA-Factory drops (no response, broken
+role order) are dropped and counted, or stop the run with --strict_data. Conversations are tokenised message by
+message with a template (LLaMA-Factory's, or the tokenizer's chat template cut apart as LLaMA-Factory does), so
+input ids and labels are LLaMA-Factory's; tests/test_parity.py checks this against files LLaMA-Factory wrote.
 """
 
+import enum
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,62 +34,81 @@ import torch
 
 IGNORE_INDEX = -100
 
-TEMPLATES = {
-    # ChatML, as Qwen2 / Qwen2.5 and LLaMA-Factory's `qwen` template render it.
-    "qwen": (
-        "{% for message in messages %}"
-        "{% if loop.first and message['role'] != 'system' %}"
-        "{{ '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}"
-        "{% endif %}"
-        "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
-        "{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-    ),
-    "llama3": (
-        "{{ '<|begin_of_text|>' }}"
-        "{% for message in messages %}"
-        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] + '<|eot_id|>' }}"
-        "{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
-    ),
-    # LLaMA-Factory's `default`: plain "Human:/Assistant:" turns, responses closed by the EOS token.
-    "default": (
-        "{% for message in messages %}"
-        "{% if message['role'] == 'system' %}{{ 'System: ' + message['content'] + '\n' }}"
-        "{% elif message['role'] == 'user' %}{{ 'Human: ' + message['content'] + '\nAssistant:' }}"
-        "{% else %}{{ message['content'] + eos_token + '\n' }}{% endif %}"
-        "{% endfor %}"
-    ),
-}
-
-DEFAULT_COLUMNS = {
-    "alpaca": {"prompt": "instruction", "query": "input", "response": "output", "history": None, "system": None},
-    "sharegpt": {"messages": "conversations", "system": None},
-}
-DEFAULT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
-                "system_tag": "system"}
-
 
 class DataError(ValueError):
     """Bad dataset input; the message names the file (or dataset), the row and the field."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# dataset_info.json
+# dataset_info.json (LLaMA-Factory's parser.py and loader.py)
 # ---------------------------------------------------------------------------------------------------------------
+
+ENTRY_KEYS = {"file_name", "hf_hub_url", "formatting", "ranking", "columns", "tags", "subset", "split", "folder",
+              "num_samples"}
+COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "history": None,
+           "messages": "conversations", "system": None, "chosen": None, "rejected": None}
+TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
+        "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"}
+REFUSED_COLUMNS = {"tools": "tool-use data is not supported", "images": "multimodal data is not supported",
+                   "videos": "multimodal data is not supported", "audios": "multimodal data is not supported",
+                   "kto_tag": "KTO data is not supported"}
+FILE_TYPES = {".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet",
+              ".txt": "text"}
+
 
 @dataclass
 class DatasetSpec:
     name: str
-    source: str  # local file path or hub id
+    source: str  # local file or folder, or hub id
     from_hub: bool = False
     formatting: str = "alpaca"
     ranking: bool = False
-    columns: dict = field(default_factory=dict)
-    tags: dict = field(default_factory=dict)
+    columns: dict = None  # None: read from the first row (datasets named by path or hub id)
+    tags: dict = field(default_factory=lambda: dict(TAGS))
     subset: str = None
     split: str = "train"
     folder: str = None
+    num_samples: int = None
+
+
+def _entry_spec(name, entry, dataset_dir, where):
+    """A dataset_info.json entry, read as LLaMA-Factory's DatasetAttr reads it."""
+    unknown = set(entry) - ENTRY_KEYS
+    if unknown:
+        raise DataError(f"{where}: unsupported keys {sorted(unknown)} (supported: {', '.join(sorted(ENTRY_KEYS))})")
+    if "hf_hub_url" in entry:
+        source, from_hub = entry["hf_hub_url"], True
+    elif "file_name" in entry:
+        source, from_hub = str(Path(dataset_dir) / entry["file_name"]), False
+    else:
+        raise DataError(f"{where}: needs 'file_name' or 'hf_hub_url'")
+    formatting = entry.get("formatting", "alpaca")
+    if formatting not in ("alpaca", "sharegpt"):
+        raise DataError(f"{where}, field 'formatting': expected 'alpaca' or 'sharegpt', got {formatting!r}")
+    columns, tags = dict(COLUMNS), dict(TAGS)
+    if "columns" in entry:  # as in LLaMA-Factory, a column it does not name is unset
+        named = entry["columns"]
+        for key in sorted(set(named) & set(REFUSED_COLUMNS)):
+            raise DataError(f"{where}, columns.{key}: {REFUSED_COLUMNS[key]}")
+        unknown = set(named) - set(COLUMNS)
+        if unknown:
+            raise DataError(f"{where}: unknown columns {sorted(unknown)} (known: {', '.join(COLUMNS)})")
+        columns = {key: named.get(key) for key in COLUMNS}
+    if "tags" in entry:
+        unknown = set(entry["tags"]) - set(TAGS)
+        if unknown:
+            raise DataError(f"{where}: unknown tags {sorted(unknown)} (known: {', '.join(TAGS)})")
+        tags = {key: entry["tags"].get(key) for key in TAGS}
+    ranking = bool(entry.get("ranking", False))
+    if ranking and "columns" not in entry:  # LLaMA-Factory fails here (it has no default); the usual names
+        columns.update(chosen="chosen", rejected="rejected")
+    if ranking and not (columns["chosen"] and columns["rejected"]):
+        raise DataError(f"{where}: a ranking dataset needs columns.chosen and columns.rejected")
+    num_samples = entry.get("num_samples")
+    if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 1):
+        raise DataError(f"{where}, field 'num_samples': expected a positive integer, got {num_samples!r}")
+    return DatasetSpec(name, source, from_hub, formatting, ranking, columns, tags, entry.get("subset"),
+                       entry.get("split", "train"), entry.get("folder"), num_samples)
 
 
 def resolve_dataset(name, dataset_dir):
@@ -96,33 +121,9 @@ def resolve_dataset(name, dataset_dir):
         except json.JSONDecodeError as err:
             raise DataError(f"{info_path}: invalid JSON ({err})") from None
     if name in info:
-        entry = info[name]
-        unknown = set(entry) - {"file_name", "hf_hub_url", "formatting", "ranking", "columns", "tags", "subset",
-                                "split", "folder"}
-        if unknown:
-            raise DataError(f"{info_path}, dataset '{name}': unsupported keys {sorted(unknown)} "
-                            "(supported: file_name, hf_hub_url, formatting, ranking, columns, tags, subset, split, "
-                            "folder)")
-        if "file_name" in entry:
-            source, from_hub = str(Path(dataset_dir) / entry["file_name"]), False
-        elif "hf_hub_url" in entry:
-            source, from_hub = entry["hf_hub_url"], True
-        else:
-            raise DataError(f"{info_path}, dataset '{name}': needs 'file_name' or 'hf_hub_url'")
-        formatting = entry.get("formatting", "alpaca")
-        if formatting not in DEFAULT_COLUMNS:
-            raise DataError(f"{info_path}, dataset '{name}', field 'formatting': expected 'alpaca' or 'sharegpt', "
-                            f"got {formatting!r}")
-        ranking = bool(entry.get("ranking", False))
-        columns = {**DEFAULT_COLUMNS[formatting], **entry.get("columns", {})}
-        if ranking:
-            columns.setdefault("chosen", "chosen")
-            columns.setdefault("rejected", "rejected")
-        return DatasetSpec(name, source, from_hub, formatting, ranking, columns,
-                           {**DEFAULT_TAGS, **entry.get("tags", {})}, entry.get("subset"), entry.get("split", "train"),
-                           entry.get("folder"))
+        return _entry_spec(name, info[name], dataset_dir, f"{info_path}, dataset '{name}'")
     path = Path(name)
-    if path.suffix in (".json", ".jsonl") or path.exists():
+    if path.suffix in FILE_TYPES or path.exists():
         if not path.is_file():
             raise DataError(f"dataset '{name}': no such file, and not an entry of {info_path}")
         return DatasetSpec(name, str(path))
@@ -134,217 +135,442 @@ def resolve_dataset(name, dataset_dir):
 
 def infer_format(spec, rows):
     """For datasets named by path or hub id: formatting, ranking and columns from the first row's keys."""
-    if not rows:
-        return spec
     keys = set(rows[0])
     messages = next((k for k in ("conversations", "messages") if k in keys), None)
     spec.formatting = "sharegpt" if messages else "alpaca"
     spec.ranking = {"chosen", "rejected"} <= keys
-    spec.columns = dict(DEFAULT_COLUMNS[spec.formatting])
-    if messages:
-        spec.columns["messages"] = messages
-        if isinstance(rows[0][messages], list) and rows[0][messages] and "role" in rows[0][messages][0]:
-            spec.tags = {"role_tag": "role", "content_tag": "content", "user_tag": "user",
-                         "assistant_tag": "assistant", "system_tag": "system"}
+    spec.columns = {**COLUMNS, "system": "system" if "system" in keys else None}
     if spec.ranking:
         spec.columns.update(chosen="chosen", rejected="rejected")
-    spec.columns["system"] = "system" if "system" in keys else None
-    if not spec.tags:
-        spec.tags = dict(DEFAULT_TAGS)
+    if messages:
+        spec.columns["messages"] = messages
+        first = rows[0][messages]
+        if isinstance(first, list) and first and isinstance(first[0], dict) and "role" in first[0]:
+            spec.tags.update(role_tag="role", content_tag="content", user_tag="user", assistant_tag="assistant")
     return spec
 
 
-def read_rows(spec):
-    """All rows of a dataset as dicts. Local files are parsed here so errors can name the row."""
-    if spec.from_hub:
-        import datasets  # imported lazily: only hub datasets need it
+def _data_files(spec):
+    """The files of a local dataset (a file, or every file of a folder) and their type, as LLaMA-Factory finds them.
 
-        data = datasets.load_dataset(spec.source, name=spec.subset, split=spec.split, data_dir=spec.folder)
-        rows = list(data)
+    LLaMA-Factory takes a folder's files in os.listdir order, which depends on the file system; we sort them.
+    """
+    path = Path(spec.source)
+    if path.is_dir():
+        files = sorted(str(p) for p in path.iterdir())
+    elif path.is_file():
+        files = [str(path)]
     else:
-        path = Path(spec.source)
-        if not path.is_file():
-            raise DataError(f"dataset '{spec.name}': file {path} does not exist")
-        text = path.read_text(encoding="utf-8")
-        if not text.strip():
-            raise DataError(f"{path}: the file is empty")
-        if path.suffix == ".jsonl":
-            rows = []
-            for number, line in enumerate(text.splitlines(), 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as err:
-                        raise DataError(f"{path}, line {number}: invalid JSON ({err.msg})") from None
-        else:
-            try:
-                rows = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno} ({err.msg})") from None
-            if not isinstance(rows, list):
-                raise DataError(f"{path}: expected a JSON list of rows, got {type(rows).__name__}")
-    if not rows:
-        raise DataError(f"{spec.source}: the dataset has no rows")
-    for index, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise DataError(f"{spec.source}, row {index + 1}: expected a JSON object, got {type(row).__name__}")
+        raise DataError(f"dataset '{spec.name}': {path} does not exist")
+    types = {FILE_TYPES.get(Path(f).suffix) for f in files}
+    if None in types:
+        raise DataError(f"dataset '{spec.name}' ({path}): file types must be {', '.join(FILE_TYPES)}")
+    if len(types) > 1:
+        raise DataError(f"dataset '{spec.name}' ({path}): the files must all be of one type, got {sorted(types)}")
+    return files, types.pop()
+
+
+def _read_json_file(path):
+    text = Path(path).read_text(encoding="utf-8")
+    if not text.strip():
+        raise DataError(f"{path}: the file is empty")
+    if path.endswith(".jsonl"):
+        rows = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{path}, line {number}: invalid JSON ({err.msg})") from None
+        return rows
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno} ({err.msg})") from None
+    if not isinstance(rows, list):
+        raise DataError(f"{path}: expected a JSON list of rows, got {type(rows).__name__}")
     return rows
 
 
+def read_rows(spec):
+    """All rows of a dataset as dicts, and where each comes from ("FILE, row N").
+
+    JSON files of the "train" split are parsed here so errors can name the row; other files (and other splits)
+    and hub datasets are loaded with `datasets`, as LLaMA-Factory loads them.
+    """
+    if spec.from_hub:
+        import datasets  # imported lazily: only some datasets need it
+
+        table = datasets.load_dataset(spec.source, name=spec.subset, split=spec.split, data_dir=spec.folder)
+        rows, origins = list(table), [(spec.source, i + 1) for i in range(len(table))]
+    else:
+        files, kind = _data_files(spec)
+        if kind == "json" and spec.split == "train":
+            rows, origins = [], []
+            for path in files:
+                file_rows = _read_json_file(path)
+                rows += file_rows
+                origins += [(path, i + 1) for i in range(len(file_rows))]
+        else:
+            import datasets
+
+            table = datasets.load_dataset(kind, data_files=files, split=spec.split)
+            rows, origins = list(table), [(spec.source, i + 1) for i in range(len(table))]
+    if not rows:
+        raise DataError(f"{spec.source}: the dataset has no rows")
+    for row, (path, number) in zip(rows, origins):
+        if not isinstance(row, dict):
+            raise DataError(f"{path}, row {number}: expected a JSON object, got {type(row).__name__}")
+    return rows, origins
+
+
+def sample_rows(count, num_samples, rng):
+    """Row positions for "num_samples" (LLaMA-Factory: a permutation of the rows, then draws with replacement)."""
+    positions = list(rng.permutation(count)[:num_samples])
+    if num_samples > count:
+        positions += list(rng.choice(count, num_samples - count))
+    return [int(p) for p in positions]
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# Rows -> conversations
+# Rows -> conversations (LLaMA-Factory's converter.py and the row checks of its processors)
 # ---------------------------------------------------------------------------------------------------------------
+
+class _Skip(Exception):
+    """A row LLaMA-Factory drops: (reason, field, detail)."""
+
 
 class _Row:
-    """Field access for one row, with errors that say where."""
+    """One row: column access as LLaMA-Factory does it (an unset column reads None), errors that say where."""
 
-    def __init__(self, spec, index, row):
-        self.spec, self.index, self.row = spec, index, row
+    def __init__(self, spec, origin, row, strict, notes):
+        self.spec, self.origin, self.row, self.strict, self.notes = spec, origin, row, strict, notes
+
+    def column(self, role):
+        return self.spec.columns.get(role)
+
+    def value(self, role, kinds=(str,)):
+        column = self.column(role)
+        value = None if column is None else self.row.get(column)
+        if value is not None and not isinstance(value, kinds):
+            raise self.error(column, f"expected {' or '.join(k.__name__ for k in kinds)}, got {type(value).__name__}")
+        return value
 
     def error(self, column, problem):
-        return DataError(f"{self.spec.source}, row {self.index + 1}, field '{column}': {problem}")
+        return DataError(f"{self.origin[0]}, row {self.origin[1]}, field '{column}': {problem}")
 
-    def get(self, role, required=True, kind=str, allow_empty=False):
-        column = self.spec.columns.get(role)
-        if column is None:
-            return None
-        if column not in self.row or self.row[column] is None:
-            if required:
-                raise self.error(column, f"missing (the '{role}' column of dataset '{self.spec.name}')")
-            return None
-        value = self.row[column]
-        if not isinstance(value, kind):
-            raise self.error(column, f"expected {kind.__name__}, got {type(value).__name__}")
-        if kind is str and not allow_empty and not value.strip():
-            raise self.error(column, "is empty")
-        return value
+    def skip(self, reason, column, detail):
+        raise (self.error(column, detail) if self.strict else _Skip(reason))
+
+    def check_response(self, text, column):
+        """An empty response is trained on its end-of-turn token only (LLaMA-Factory); counted, or an error."""
+        if not text.strip():
+            if self.strict:
+                raise self.error(column, "is empty")
+            self.notes.setdefault("empty response (trained on the end-of-turn token only)", []).append(self.origin)
 
 
 def _alpaca_conversation(r):
-    prompt = r.get("prompt")
-    query = r.get("query", required=False, allow_empty=True)
-    if query:
-        prompt = f"{prompt}\n{query}"
     turns = []
-    for number, pair in enumerate(r.get("history", required=False, kind=list) or []):
-        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
-            raise r.error(r.spec.columns["history"], f"entry {number} must be a [query, response] pair of strings")
+    for number, pair in enumerate(r.value("history", (list,)) or []):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            raise r.error(r.column("history"), f"entry {number} must be a [query, response] pair of strings")
         turns.append(tuple(pair))
-    conversation = {"system": r.get("system", required=False, allow_empty=True), "turns": turns}
+    user = "\n".join(text for text in (r.value("prompt"), r.value("query")) if text)
+    conversation = {"system": r.value("system"), "turns": turns}
     if r.spec.ranking:
-        conversation.update(prompt=prompt, chosen=r.get("chosen"), rejected=r.get("rejected"))
-    else:
-        conversation["turns"].append((prompt, r.get("response")))
+        for role in ("chosen", "rejected"):
+            if r.value(role) is None:
+                r.skip("missing chosen or rejected response", r.column(role), "missing")
+        for role in ("chosen", "rejected"):
+            r.check_response(r.value(role), r.column(role))
+        return {**conversation, "prompt": user, "chosen": r.value("chosen"), "rejected": r.value("rejected")}
+    response = r.value("response")
+    if response is None:
+        r.skip("missing response", r.column("response") or "response", "missing")
+    r.check_response(response, r.column("response"))
+    turns.append((user, response))
     return conversation
 
 
-def _sharegpt_message(r, column, message, number):
+def _message(r, column, message, number, accepted):
+    """(role, content) of a sharegpt message whose role must be one of `accepted`."""
     tags = r.spec.tags
-    if isinstance(message, str):
-        return tags["assistant_tag"], message
     if not isinstance(message, dict):
         raise r.error(column, f"message {number} must be an object, got {type(message).__name__}")
     role, content = message.get(tags["role_tag"]), message.get(tags["content_tag"])
-    if not isinstance(content, str) or not content.strip():
-        raise r.error(column, f"message {number} needs a non-empty string '{tags['content_tag']}'")
-    return role, content
+    if role not in accepted:
+        r.skip("broken role order", column, f"message {number} has role {role!r}, expected {accepted[0]!r}")
+    if role in (tags["observation_tag"], tags["function_tag"]):
+        raise r.error(column, f"message {number} has role {role!r}: tool-use data is not supported")
+    if not isinstance(content, str):
+        raise r.error(column, f"message {number} needs a string '{tags['content_tag']}'")
+    return content
 
 
 def _sharegpt_conversation(r):
-    tags = r.spec.tags
-    column = r.spec.columns["messages"]
-    messages = r.get("messages", kind=list)
-    system = r.get("system", required=False, allow_empty=True)
-    parsed = [_sharegpt_message(r, column, m, i) for i, m in enumerate(messages)]
-    if parsed and parsed[0][0] == tags["system_tag"]:
-        system = parsed.pop(0)[1]
-    expected = [tags["user_tag"], tags["assistant_tag"]]
-    for number, (role, _) in enumerate(parsed):
-        if role != expected[number % 2]:
-            raise r.error(column, f"message {number} has role {role!r}, expected {expected[number % 2]!r} "
-                                  "(turns must alternate user, assistant)")
-    contents = [content for _, content in parsed]
-    if r.spec.ranking:
-        if len(contents) % 2 != 1:
-            raise r.error(column, "a preference row's messages must end with a user turn")
-        pairs = {}
-        for role in ("chosen", "rejected"):
-            value = r.get(role, kind=(dict, str))
-            speaker, pairs[role] = _sharegpt_message(r, r.spec.columns[role], value, 0)
-            if speaker != tags["assistant_tag"]:
-                raise r.error(r.spec.columns[role], f"role {speaker!r}, expected {tags['assistant_tag']!r}")
-        turns = list(zip(contents[0:-1:2], contents[1:-1:2]))
-        return {"system": system, "turns": turns, "prompt": contents[-1], **pairs}
-    if not contents or len(contents) % 2 != 0:
-        raise r.error(column, "an SFT row's messages must be user/assistant pairs ending with an assistant turn")
-    return {"system": system, "turns": list(zip(contents[0::2], contents[1::2]))}
+    tags, column = r.spec.tags, r.column("messages")
+    messages = r.value("messages", (list,))
+    if messages is None:
+        r.skip("missing messages", column, "missing")
+    system = r.value("system")
+    first = messages[0] if messages else None
+    if tags["system_tag"] and isinstance(first, dict) and first.get(tags["role_tag"]) == tags["system_tag"]:
+        system, messages = first.get(tags["content_tag"]), messages[1:]
+        if not isinstance(system, str):
+            raise r.error(column, f"the system message needs a string '{tags['content_tag']}'")
+    roles = ((tags["user_tag"], tags["observation_tag"]), (tags["assistant_tag"], tags["function_tag"]))
+    contents = [_message(r, column, m, i, roles[i % 2]) for i, m in enumerate(messages)]
+    if len(contents) % 2 != (1 if r.spec.ranking else 0) or not contents:
+        end = "a user" if r.spec.ranking else "an assistant"
+        r.skip("wrong number of messages", column, f"{len(contents)} messages: turns must alternate user, assistant "
+                                                   f"and end with {end} turn")
+    turns, pair = list(zip(contents[0::2], contents[1::2])), {}
+    for role in ("chosen", "rejected") if r.spec.ranking else ():
+        message = r.value(role, (dict, str))
+        if not isinstance(message, dict):
+            r.skip("missing chosen or rejected response", r.column(role), "missing (expected a message object)")
+        pair[role] = _message(r, r.column(role), message, 0, roles[1])
+    for _, response in turns:
+        r.check_response(response, column)
+    for role, response in pair.items():
+        r.check_response(response, r.column(role))
+    if not r.spec.ranking:
+        return {"system": system, "turns": turns}
+    return {"system": system, "turns": turns, "prompt": contents[-1], **pair}
 
 
-def to_conversations(spec, rows, ranking):
-    """Validate rows and convert them into conversations; `ranking` is what the caller needs."""
+def to_conversations(spec, rows, origins, ranking, strict=False):
+    """Rows -> conversations (each with its position "row"); rows LLaMA-Factory drops are dropped and noted.
+
+    Returns (conversations, notes): notes maps each reason (dropped rows, adjusted rows) to the rows' origins.
+    With strict, the first bad row raises a DataError naming the file, the row and the field instead.
+    """
     if spec.ranking != ranking:
         want = "preference pairs (\"ranking\": true)" if ranking else "SFT data (no \"ranking\")"
         raise DataError(f"dataset '{spec.name}' ({spec.source}) is not {want}")
     convert = _alpaca_conversation if spec.formatting == "alpaca" else _sharegpt_conversation
-    return [convert(_Row(spec, index, row)) for index, row in enumerate(rows)]
+    conversations, notes = [], {}
+    for index, (row, origin) in enumerate(zip(rows, origins)):
+        try:
+            conversations.append({"row": index, **convert(_Row(spec, origin, row, strict, notes))})
+        except _Skip as skip:
+            notes.setdefault(f"dropped: {skip.args[0]}", []).append(origin)
+    return conversations, notes
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Chat template rendering and tokenisation
+# Templates (LLaMA-Factory's template.py, for the text templates shipped here)
 # ---------------------------------------------------------------------------------------------------------------
 
-def apply_template(tokenizer, template):
-    """Install --template NAME as the tokenizer's chat template (it is saved with the model)."""
-    if template:
-        if template not in TEMPLATES:
-            raise ValueError(f"unknown --template {template!r}; available: {', '.join(TEMPLATES)}")
-        tokenizer.chat_template = TEMPLATES[template]
-    elif not tokenizer.chat_template:
-        raise ValueError("the tokenizer has no chat template: pass --template "
-                         f"({', '.join(TEMPLATES)})")
+class Special(enum.Enum):
+    """A slot written as the tokenizer's own special token id (nothing, if the tokenizer has no such token)."""
+
+    BOS = "bos_token"
+    EOS = "eos_token"
+
+
+BOS, EOS = Special.BOS, Special.EOS
+
+
+@dataclass(frozen=True)
+class Template:
+    """How each message is written: slots (strings with "{{content}}" where the text goes, or BOS / EOS).
+
+    Message 0 is preceded by `prefix` and the system slots (filled with the row's system text, else
+    `default_system`); with `system_in_user` (llama2, mistral, gemma) the filled system slot instead opens the first
+    user message. `stop_words[0]` becomes the eos token if `replace_eos`; the other stop words are added as special
+    tokens. `thought` (qwen3) is an empty reasoning block put before every response that has none (and trained on).
+    """
+
+    user: tuple = ("{{content}}",)
+    assistant: tuple = ("{{content}}", EOS)
+    system: tuple = ("{{content}}",)
+    prefix: tuple = ()
+    default_system: str = ""
+    stop_words: tuple = ()
+    replace_eos: bool = False
+    system_in_user: bool = False
+    thought: str = None
+
+
+CHATML = {"user": ("<|im_start|>user\n{{content}}<|im_end|>\n<|im_start|>assistant\n",),
+          "assistant": ("{{content}}<|im_end|>\n",), "system": ("<|im_start|>system\n{{content}}<|im_end|>\n",)}
+EMPTY_THOUGHT = "<think>\n\n</think>\n\n"
+TEMPLATES = {
+    "default": Template(user=("Human: {{content}}", EOS, "\nAssistant:"), assistant=("{{content}}", EOS, "\n"),
+                        system=("System: {{content}}", EOS, "\n")),
+    "empty": Template(assistant=("{{content}}",)),
+    "chatml": Template(**CHATML, stop_words=("<|im_end|>", "<|im_start|>"), replace_eos=True),
+    "qwen": Template(**CHATML, default_system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
+                     stop_words=("<|im_end|>",), replace_eos=True),
+    "qwen3": Template(**CHATML, stop_words=("<|im_end|>",), replace_eos=True, thought=EMPTY_THOUGHT),
+    "llama2": Template(user=(BOS, "[INST] {{content}} [/INST]"), system=("<<SYS>>\n{{content}}\n<</SYS>>\n\n",),
+                       system_in_user=True),
+    "llama3": Template(user=("<|start_header_id|>user<|end_header_id|>\n\n{{content}}<|eot_id|>"
+                             "<|start_header_id|>assistant<|end_header_id|>\n\n",),
+                       assistant=("{{content}}<|eot_id|>",),
+                       system=("<|start_header_id|>system<|end_header_id|>\n\n{{content}}<|eot_id|>",),
+                       prefix=(BOS,), stop_words=("<|eot_id|>", "<|eom_id|>"), replace_eos=True),
+    "mistral": Template(user=("[INST] {{content}}[/INST]",), assistant=(" {{content}}", EOS),
+                        system=("{{content}}\n\n",), prefix=(BOS,), system_in_user=True),
+    "gemma": Template(user=("<start_of_turn>user\n{{content}}<end_of_turn>\n<start_of_turn>model\n",),
+                      assistant=("{{content}}<end_of_turn>\n",), system=("{{content}}\n\n",), prefix=(BOS,),
+                      stop_words=("<end_of_turn>",), replace_eos=True, system_in_user=True),
+}
+
+
+def template_from_tokenizer(tokenizer):
+    """The tokenizer's chat template as a Template, cut apart as LLaMA-Factory does (parse_template).
+
+    Renders a system message, a user message (alone, and after an empty system message) and an exchange, with
+    "{{content}}" as the text. The default system text is what the lone user rendering has in addition (found by
+    a greedy character match), and the user slot is what follows the system slot filled with it.
+    """
+    prefix = tokenizer.decode(tokenizer.encode(""))
+
+    def render(messages, generation_prompt):
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
+        return text[len(prefix):]
+
+    system = render([{"role": "system", "content": "{{content}}"}], False)
+    user_after_empty_system = render([{"role": "system", "content": ""}, {"role": "user", "content": "{{content}}"}],
+                                     True)
+    user = render([{"role": "user", "content": "{{content}}"}], True)
+    assistant = render([{"role": "user", "content": "{{content}}"}, {"role": "assistant", "content": "{{content}}"}],
+                       False)[len(user):]
+    thought = EMPTY_THOUGHT if "<think>" in assistant else None
+    assistant = assistant.replace("<think>", "").replace("</think>", "").lstrip("\n")
+    default_system = ""
+    if len(user) > len(user_after_empty_system):
+        extra, i = "", 0
+        for char in user:
+            if i < len(user_after_empty_system) and char == user_after_empty_system[i]:
+                i += 1
+            elif i < len(user_after_empty_system):
+                extra += char
+        default_system = extra
+        user = user[len(system.replace("{{content}}", default_system, 1)):]
+    return Template(user=(user,), assistant=(assistant,), system=(system,), prefix=(prefix,) if prefix else (),
+                    default_system=default_system, thought=thought)
+
+
+def get_template(tokenizer, name):
+    """--template NAME, else the tokenizer's own chat template."""
+    if name:
+        if name not in TEMPLATES:
+            raise ValueError(f"unknown --template {name!r}; available: {', '.join(TEMPLATES)}")
+        return TEMPLATES[name]
+    if not isinstance(tokenizer.chat_template, str):
+        raise ValueError(f"the tokenizer has no chat template: pass --template ({', '.join(TEMPLATES)}); "
+                         "LLaMA-Factory falls back to 'empty' here, so --template empty does what it does")
+    return template_from_tokenizer(tokenizer)
+
+
+def apply_template(tokenizer, name, log=print):
+    """Resolve the template and fix the tokenizer's special tokens as LLaMA-Factory does; returns the Template.
+
+    With replace_eos the template's first stop word becomes the eos token (llama3: <|eot_id|>); a tokenizer
+    without eos gets <|endoftext|>, one without pad uses eos; the other stop words become special tokens. Tokens the
+    vocabulary lacks are added, as in LLaMA-Factory (which then needs --resize_vocab; these scripts do not resize).
+    --template NAME is also installed as the tokenizer's chat template (saved with the model, for generation).
+    """
+    template = get_template(tokenizer, name)
+    size = len(tokenizer)
+    stop_words = list(template.stop_words)
+    if template.replace_eos and tokenizer.eos_token != stop_words[0]:
+        tokenizer.add_special_tokens({"eos_token": stop_words[0]})
+    stop_words = stop_words[1:] if template.replace_eos else stop_words
+    if tokenizer.eos_token_id is None:
+        tokenizer.add_special_tokens({"eos_token": "<|endoftext|>"})
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if stop_words:
+        tokenizer.add_special_tokens({"additional_special_tokens": stop_words})
+    if len(tokenizer) > size:
+        log(f"warning: the template added {len(tokenizer) - size} token(s) the tokenizer lacked "
+            f"({', '.join(tokenizer.convert_ids_to_tokens(list(range(size, len(tokenizer)))))}): the model has no "
+            "embeddings for them")
+    if name:
+        tokenizer.chat_template = jinja_template(template)
+    return template
 
 
-def _messages(system, turns, last_user=None):
-    messages = [{"role": "system", "content": system}] if system else []
-    for user, assistant in turns:
-        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
-    if last_user is not None:
-        messages.append({"role": "user", "content": last_user})
-    return messages
+def _literal(text):
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def _render(tokenizer, messages, generation_prompt):
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+def jinja_template(template):
+    """A Jinja chat template that renders text as `template` writes it (the generation prompt is in the user slot)."""
+    def expression(slots, content):
+        parts = []
+        for slot in slots:
+            if isinstance(slot, Special):
+                parts.append(f"({slot.value} or '')")
+                continue
+            parts.append(f" + {content} + ".join(_literal(piece) for piece in slot.split("{{content}}")))
+        return " + ".join(parts)
+
+    system = expression(template.system, "system")
+    opening = ("{% set content = " + system + " + content %}" if template.system_in_user else "{{ " + system + " }}")
+    thought = ("{% if '<think>' not in content and '</think>' not in content %}{% set content = "
+               + _literal(template.thought) + " + content %}{% endif %}") if template.thought else ""
+    return (
+        "{{ " + expression(template.prefix, "''") + " }}" if template.prefix else ""
+    ) + (
+        "{% if messages and messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+        "{% set loop_messages = messages[1:] %}{% else %}{% set system = " + _literal(template.default_system) + " %}"
+        "{% set loop_messages = messages %}{% endif %}"
+        "{% for message in loop_messages %}{% set content = message['content'] %}"
+        "{% if loop.first and system %}" + opening + "{% endif %}"
+        "{% if message['role'] == 'user' %}{{ " + expression(template.user, "content") + " }}"
+        "{% else %}" + thought + "{{ " + expression(template.assistant, "content") + " }}{% endif %}{% endfor %}"
+    )
 
 
-def render_pieces(tokenizer, system, turns, last_user=None):
-    """Split a rendered conversation into text pieces: [(source_0, target_0), ...] (+ the final prompt).
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenisation and truncation (LLaMA-Factory's processor/supervised.py and pairwise.py)
+# ---------------------------------------------------------------------------------------------------------------
 
-    source_i is everything between the previous response and response i (system, user turn, assistant header);
-    target_i is response i with its end-of-turn marker. Found by rendering prefixes of the conversation, so it
-    works with any chat template that renders a prefix of a conversation as a prefix of the text.
-    """
-    pieces, done = [], ""
-    for i in range(len(turns)):
-        prompt = _render(tokenizer, _messages(system, turns[:i], turns[i][0]), True)
-        full = _render(tokenizer, _messages(system, turns[:i + 1]), False)
-        if not prompt.startswith(done) or not full.startswith(prompt):
-            raise ValueError("the chat template does not render conversation prefixes as text prefixes; "
-                             "pass --template to use a built-in one")
-        pieces.append((prompt[len(done):], full[len(prompt):]))
-        done = full
-    if last_user is not None:
-        prompt = _render(tokenizer, _messages(system, turns, last_user), True)
-        if not prompt.startswith(done):
-            raise ValueError("the chat template does not render conversation prefixes as text prefixes")
-        pieces.append((prompt[len(done):], None))
-    return pieces
+def _ids(tokenizer, slots, content):
+    """Token ids of slots filled with content; each string slot is tokenised on its own."""
+    ids = []
+    for slot in slots:
+        if isinstance(slot, Special):
+            special = getattr(tokenizer, f"{slot.value}_id")
+            ids += [] if special is None else [special]
+        elif slot:
+            text = slot.replace("{{content}}", content, 1)
+            ids += tokenizer.encode(text, add_special_tokens=False) if text else []
+    return ids
+
+
+def encode_messages(template, tokenizer, system, messages):
+    """Token ids of each message of [user, assistant, user, ...] (LLaMA-Factory's Template._encode)."""
+    system = system or template.default_system
+    encoded = []
+    for i, content in enumerate(messages):
+        ids = []
+        if i == 0:
+            ids = _ids(tokenizer, template.prefix, "")
+            if system and template.system_in_user:
+                content = template.system[0].replace("{{content}}", system, 1) + content
+            elif system:
+                ids += _ids(tokenizer, template.system, system)
+        ids += _ids(tokenizer, template.user if i % 2 == 0 else template.assistant, content)
+        encoded.append(ids)
+    return encoded
+
+
+def _with_thought(template, tokenizer, response, ids):
+    """qwen3: a response without a reasoning block is trained with an empty one before it."""
+    if template.thought and "<think>" not in response and "</think>" not in response:
+        return tokenizer.encode(template.thought, add_special_tokens=False) + ids
+    return ids
 
 
 def budget(source_len, target_len, cutoff_len):
-    """Lengths (source, target) that fit in cutoff_len (LLaMA-Factory's rule).
+    """Lengths (source, target) that fit in cutoff_len (LLaMA-Factory's infer_seqlen).
 
     The response is kept whole if it takes less than half the budget; else the prompt is kept whole if it
     does; else both are cut in proportion to their lengths.
@@ -354,51 +580,52 @@ def budget(source_len, target_len, cutoff_len):
     elif 2 * source_len < cutoff_len:
         target_cap = cutoff_len - source_len
     else:
-        target_cap = int(cutoff_len * target_len / (source_len + target_len))
+        target_cap = int(cutoff_len * (target_len / (source_len + target_len)))
     target = min(target_cap, target_len)
     return min(max(cutoff_len - target, 0), source_len), target
 
 
-def _ids(tokenizer, text):
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+def tokenize_sft(conversation, tokenizer, template, cutoff_len):
+    """input_ids / labels for every response of a conversation; each turn keeps the start of its prompt and response.
 
-
-def tokenize_sft(conversation, tokenizer, cutoff_len):
-    """input_ids / labels for every response of a conversation; prompts keep their end, responses their start."""
+    Turns are added while the sequence is shorter than cutoff_len, each cut to the budget left. A response can be
+    cut away entirely: its labels are then all IGNORE_INDEX (the row is kept, as in LLaMA-Factory).
+    """
+    messages = [text for turn in conversation["turns"] for text in turn]
+    encoded = encode_messages(template, tokenizer, conversation["system"], messages)
     input_ids, labels = [], []
-    for source, target in render_pieces(tokenizer, conversation["system"], conversation["turns"]):
-        remaining = cutoff_len - len(input_ids)
-        if remaining <= 0:
+    for i in range(0, len(encoded), 2):
+        if len(input_ids) >= cutoff_len:
             break
-        source_ids, target_ids = _ids(tokenizer, source), _ids(tokenizer, target)
-        keep_source, keep_target = budget(len(source_ids), len(target_ids), remaining)
-        source_ids = source_ids[len(source_ids) - keep_source:]
-        target_ids = target_ids[:keep_target]
-        input_ids += source_ids + target_ids
-        labels += [IGNORE_INDEX] * len(source_ids) + target_ids
+        source, target = encoded[i], _with_thought(template, tokenizer, messages[i + 1], encoded[i + 1])
+        keep_source, keep_target = budget(len(source), len(target), cutoff_len - len(input_ids))
+        input_ids += source[:keep_source] + target[:keep_target]
+        labels += [IGNORE_INDEX] * keep_source + target[:keep_target]
     return {"input_ids": input_ids, "labels": labels}
 
 
-def tokenize_pair(conversation, tokenizer, cutoff_len):
-    """Shared prompt + chosen / rejected responses, truncated alike (one budget for prompt + longer response)."""
-    history = render_pieces(tokenizer, conversation["system"], conversation["turns"], conversation["prompt"])
-    prompt_ids = [t for source, target in history for t in _ids(tokenizer, source) + _ids(tokenizer, target or "")]
-    responses = {}
-    for role in ("chosen", "rejected"):
-        full = _render(tokenizer, _messages(conversation["system"],
-                                            conversation["turns"] + [(conversation["prompt"], conversation[role])]),
-                       False)
-        prompt_text = "".join(source + (target or "") for source, target in history)
-        if not full.startswith(prompt_text):
-            raise ValueError("the chat template does not render conversation prefixes as text prefixes")
-        responses[role] = _ids(tokenizer, full[len(prompt_text):])
+def _remove_thought(text):
+    return re.sub(r"<think>\n(.*?)\n</think>\n\n", "", text, flags=re.DOTALL).lstrip("\n")
+
+
+def tokenize_pair(conversation, tokenizer, template, cutoff_len):
+    """Shared prompt + chosen / rejected responses, truncated alike (one budget for prompt + longer response).
+
+    The prompt (system, earlier turns, last user message) keeps its start, the responses theirs.
+    """
+    history = [text for turn in conversation["turns"] for text in turn]
+    if template.thought:  # earlier reasoning is not shown to the model (LLaMA-Factory's ReasoningTemplate)
+        history = [_remove_thought(text) if i % 2 else text for i, text in enumerate(history)]
+    encoded = encode_messages(template, tokenizer, conversation["system"], history + [conversation["prompt"]])
+    prompt_ids = [t for ids in encoded for t in ids]
+    responses = {role: _with_thought(template, tokenizer, conversation[role],
+                                     _ids(tokenizer, template.assistant, conversation[role]))
+                 for role in ("chosen", "rejected")}
     keep_prompt, keep_response = budget(len(prompt_ids), max(map(len, responses.values())), cutoff_len)
-    prompt_ids = prompt_ids[len(prompt_ids) - keep_prompt:]
     out = {}
     for role, ids in responses.items():
-        ids = ids[:keep_response]
-        out[f"{role}_input_ids"] = prompt_ids + ids
-        out[f"{role}_labels"] = [IGNORE_INDEX] * len(prompt_ids) + ids
+        out[f"{role}_input_ids"] = prompt_ids[:keep_prompt] + ids[:keep_response]
+        out[f"{role}_labels"] = [IGNORE_INDEX] * keep_prompt + ids[:keep_response]
     return out
 
 
@@ -414,37 +641,44 @@ def num_targets(labels):
 def is_ranking(name, dataset_dir):
     """Whether dataset `name` holds preference pairs (dataset_info.json's "ranking", else chosen/rejected columns)."""
     spec = resolve_dataset(name, dataset_dir)
-    if spec.columns == {}:
-        spec = infer_format(spec, read_rows(spec))
+    if spec.columns is None:
+        spec = infer_format(spec, read_rows(spec)[0])
     return spec.ranking
 
 
-def load_conversations(name, dataset_dir, ranking, max_samples=None):
+def load_conversations(name, dataset_dir, ranking, max_samples=None, strict=False, rng=None):
+    """Read, sample ("num_samples", with numpy RandomState `rng`), cut to max_samples and convert a dataset.
+
+    Returns (spec, conversations, notes); see to_conversations.
+    """
     spec = resolve_dataset(name, dataset_dir)
-    rows = read_rows(spec)
-    if spec.columns == {}:
+    rows, origins = read_rows(spec)
+    if spec.columns is None:
         spec = infer_format(spec, rows)
+    if spec.num_samples is not None:
+        positions = sample_rows(len(rows), spec.num_samples, rng)
+        rows, origins = [rows[p] for p in positions], [origins[p] for p in positions]
     if max_samples:
-        rows = rows[:max_samples]
-    return spec, to_conversations(spec, rows, ranking)
+        rows, origins = rows[:max_samples], origins[:max_samples]
+    return (spec, *to_conversations(spec, rows, origins, ranking, strict))
 
 
-def tokenize_dataset(conversations, tokenizer, cutoff_len, ranking, num_workers=1, desc="tokenizing"):
-    """Tokenise conversations (in `num_workers` processes when there are many); drop samples with no response.
+def tokenize_dataset(conversations, tokenizer, template, cutoff_len, ranking, num_workers=1, desc="tokenizing"):
+    """Tokenise conversations (in `num_workers` processes when there are many).
 
-    Returns (list of examples, number dropped). SFT examples hold input_ids, labels, num_targets; pair examples
-    hold chosen_/rejected_ input_ids and labels and num_targets (of the chosen response).
+    SFT examples hold input_ids, labels, num_targets; pair examples hold chosen_/rejected_ input_ids and labels,
+    num_targets (of the chosen response) and num_targets_rejected. Returns (examples, how many have a response cut
+    away entirely by cutoff_len: they are kept with every label masked, as in LLaMA-Factory).
     """
     import datasets  # imported lazily: tokenisation in several processes uses datasets.map
 
-    tokenize = tokenize_pair if ranking else tokenize_sft
-
     def encode(conversation):
-        example = tokenize(conversation, tokenizer, cutoff_len)
-        labels = example["chosen_labels" if ranking else "labels"]
-        example["num_targets"] = num_targets(labels)
         if ranking:
+            example = tokenize_pair(conversation, tokenizer, template, cutoff_len)
             example["num_targets_rejected"] = num_targets(example["rejected_labels"])
+        else:
+            example = tokenize_sft(conversation, tokenizer, template, cutoff_len)
+        example["num_targets"] = num_targets(example["chosen_labels" if ranking else "labels"])
         return example
 
     # Worker processes only pay off for large sets: at least ~1000 rows each.
@@ -454,23 +688,44 @@ def tokenize_dataset(conversations, tokenizer, cutoff_len, ranking, num_workers=
         examples = list(table.map(encode, num_proc=workers, remove_columns=table.column_names, desc=desc))
     else:
         examples = [encode(c) for c in conversations]
-    kept = [e for e in examples if e["num_targets"] > 0 and e.get("num_targets_rejected", 1) > 0]
-    return kept, len(examples) - len(kept)
+    labels = ("chosen_labels", "rejected_labels") if ranking else ("labels",)
+    cut_away = sum(1 for e in examples if any(all(x == IGNORE_INDEX for x in e[key]) for key in labels))
+    return examples, cut_away
+
+
+def _rows_text(origins, single_file, shown=5):
+    names = [str(n) if single_file else f"{Path(f).name}:{n}" for f, n in origins[:shown]]
+    return ("row " if len(origins) == 1 else "rows ") + ", ".join(names) + (", ..." if len(origins) > shown else "")
 
 
 def load_tokenized(names, args, tokenizer, ranking, log=print):
-    """Load, validate, tokenise and concatenate the datasets in `names` (a comma-separated string or a list)."""
+    """Load, check, tokenise and concatenate the datasets in `names` (a comma-separated string or a list).
+
+    Uses args.dataset_dir, max_samples, cutoff_len, preprocessing_num_workers, template, strict_data and seed (the
+    seed of "num_samples": one numpy RandomState for the datasets in `names`, in order, as LLaMA-Factory's global
+    numpy state after set_seed). Logs one line per dataset: samples, dropped and adjusted rows, cut-away responses.
+    """
+    import numpy as np
+
     names = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
+    template = get_template(tokenizer, args.template)
+    rng = np.random.RandomState(args.seed)
     examples = []
     for name in names:
-        spec, conversations = load_conversations(name, args.dataset_dir, ranking, args.max_samples)
-        kept, dropped = tokenize_dataset(conversations, tokenizer, args.cutoff_len, ranking,
-                                         args.preprocessing_num_workers, desc=f"tokenizing {name}")
-        note = f", dropped {dropped} whose response was cut away entirely by --cutoff_len {args.cutoff_len}" \
-            if dropped else ""
+        spec, conversations, notes = load_conversations(name, args.dataset_dir, ranking, args.max_samples,
+                                                        args.strict_data, rng)
+        kept, cut_away = tokenize_dataset(conversations, tokenizer, template, args.cutoff_len, ranking,
+                                          args.preprocessing_num_workers, desc=f"tokenizing {name}")
+        single_file = len({f for origins in notes.values() for f, _ in origins}) <= 1
+        parts = [f"{len(origins)} {reason} ({_rows_text(origins, single_file)})" for reason, origins in notes.items()]
+        if cut_away:
+            parts.append(f"{cut_away} with a response cut away entirely by --cutoff_len {args.cutoff_len} (kept, "
+                         "every label masked)")
+        note = "; " + "; ".join(parts) + (" (as LLaMA-Factory; --strict_data True stops at the first bad row)"
+                                          if notes else "") if parts else ""
         log(f"dataset {name} ({spec.source}): {len(kept)} samples{note}")
         if not kept:
-            raise DataError(f"dataset '{name}' ({spec.source}): no samples left after tokenisation")
+            raise DataError(f"dataset '{name}' ({spec.source}): no samples left")
         examples += kept
     return examples
 

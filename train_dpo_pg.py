@@ -70,7 +70,7 @@ def pair_logps(model, batch, average):
     tokens never count: their labels are ignored.
     """
     logps, logits = token_logps(model, batch)
-    counts = response_positions(batch).sum(-1)
+    counts = response_positions(batch).sum(-1).clamp(min=1)  # a response cut away by --cutoff_len has none
     sums = logps.sum(-1)
     values = sums / counts if average else sums
     chosen, rejected = values.chunk(2)

@@ -88,7 +88,7 @@ def main():
             refresh_seconds = references.refresh(projector, backend, model, step, device)
 
         # ---- forward and backward: the loss is the mean over every response token of the global batch ---------
-        step_targets = sum(examples[i]["num_targets"] for i in sampler.step_indices(step))
+        step_targets = max(1, sum(examples[i]["num_targets"] for i in sampler.step_indices(step)))  # 0: all cut away
         micro_batches = sampler.micro_batches(step)
         for m, indices in enumerate(micro_batches):
             batch = to_device(collate_sft([examples[i] for i in indices], pad), device)

@@ -74,6 +74,8 @@ def build_parser(description, stage, default_lr):
     flag(g, "--cutoff_len", int, default=2048, help="maximum tokens per sequence (prompt + response)")
     flag(g, "--max_samples", int, default=None, help="use at most this many rows of each dataset")
     flag(g, "--preprocessing_num_workers", int, default=None, help="processes for tokenisation (large sets only)")
+    flag(g, "--strict_data", bool, default=False, help="stop at the first bad row (naming file, row and field) "
+                                                       "instead of dropping the rows LLaMA-Factory drops (logged)")
 
     g = parser.add_argument_group("optimisation")
     flag(g, "--learning_rate", float, default=default_lr, help="peak learning rate")

@@ -50,7 +50,7 @@ import torch
 
 from data.make_demo_data import (HARMFUL_PHRASINGS, REFUSALS, TASK_FAMILIES, compliance, harmful_prompt, refusal,
                                  wrong_answer)
-from data_utils import collate_sft, num_targets, tokenize_sft
+from data_utils import collate_sft, get_template, num_targets, tokenize_sft
 from train_utils import response_nll_sum, to_device
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -397,7 +397,8 @@ def prompt_ids(tokenizer, prompts):
 
 def nll_examples(tokenizer, pairs):
     """(question, answer) pairs tokenised as the training scripts do: labels on the answer only."""
-    return [tokenize_sft({"system": None, "turns": [(q, a)]}, tokenizer, cutoff_len=1 << 20) for q, a in pairs]
+    template = get_template(tokenizer, None)  # the scripts ran without --template: the tokenizer's own
+    return [tokenize_sft({"system": None, "turns": [(q, a)]}, tokenizer, template, 1 << 20) for q, a in pairs]
 
 
 def prepare(tokenizer, split):

@@ -3,10 +3,13 @@
 import json
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 import data_utils
-from data_utils import IGNORE_INDEX, DataError, StepSampler
+from data_utils import IGNORE_INDEX, TEMPLATES, DataError, StepSampler
+
+QWEN = TEMPLATES["qwen"]  # the `tokenizer` fixture has --template qwen applied
 
 
 def write_dataset(tmp_path, rows, entry=None, name="data.json"):
@@ -28,7 +31,7 @@ def response_text(tokenizer, example):
 
 def test_alpaca_sft_labels_cover_the_response_only(tokenizer):
     conversation = {"system": None, "turns": [("What is 2 + 2?", "4")]}
-    example = data_utils.tokenize_sft(conversation, tokenizer, cutoff_len=512)
+    example = data_utils.tokenize_sft(conversation, tokenizer, QWEN, cutoff_len=512)
     text = tokenizer.decode(example["input_ids"])
     assert text == tokenizer.apply_chat_template([{"role": "user", "content": "What is 2 + 2?"},
                                                   {"role": "assistant", "content": "4"}], tokenize=False)
@@ -38,18 +41,46 @@ def test_alpaca_sft_labels_cover_the_response_only(tokenizer):
 
 def test_multi_turn_trains_every_assistant_turn(tokenizer):
     conversation = {"system": "Be brief.", "turns": [("Hi", "Hello"), ("Reverse 'abc'.", "cba")]}
-    example = data_utils.tokenize_sft(conversation, tokenizer, cutoff_len=512)
+    example = data_utils.tokenize_sft(conversation, tokenizer, QWEN, cutoff_len=512)
     assert response_text(tokenizer, example) == "Hello<|im_end|>\ncba<|im_end|>\n"
     assert "Be brief." in tokenizer.decode(example["input_ids"])
 
 
-@pytest.mark.parametrize("template", ["qwen", "llama3", "default"])
-def test_builtin_templates_render_prefix_consistently(tokenizer, template):
+@pytest.mark.parametrize("name", list(TEMPLATES))
+def test_builtin_templates_train_responses_only_and_save_a_matching_chat_template(tokenizer, name):
     tok = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
-    data_utils.apply_template(tok, template)
-    example = data_utils.tokenize_sft({"system": None, "turns": [("q1", "a1"), ("q2", "a2")]}, tok, 512)
+    template = data_utils.apply_template(tok, name, log=lambda *_: None)
+    conversation = {"system": "S", "turns": [("q1", "a1"), ("q2", "a2")]}
+    example = data_utils.tokenize_sft(conversation, tok, template, 512)
     response = response_text(tok, example)
     assert "a1" in response and "a2" in response and "q1" not in response and "q2" not in response
+    messages = [{"role": "system", "content": "S"}] + [{"role": role, "content": text} for turn in
+                                                       conversation["turns"] for role, text in zip(("user",
+                                                                                                    "assistant"), turn)]
+    assert tok.apply_chat_template(messages, tokenize=False) == tok.decode(example["input_ids"])
+
+
+def test_llama3_uses_the_tokenizers_bos_and_eot_as_eos(tokenizer):
+    tok = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)  # the tiny tokenizer has no bos token
+    template = data_utils.apply_template(tok, "llama3", log=lambda *_: None)
+    example = data_utils.tokenize_sft({"system": None, "turns": [("q", "a")]}, tok, template, 512)
+    assert tok.eos_token == "<|eot_id|>" and "<|begin_of_text|>" not in tok.decode(example["input_ids"])
+    assert example["input_ids"][-1] == tok.convert_tokens_to_ids("<|eot_id|>")
+
+
+def test_default_template_closes_user_and_system_turns_with_eos(tokenizer):
+    tok = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    template = data_utils.apply_template(tok, "default", log=lambda *_: None)
+    example = data_utils.tokenize_sft({"system": "S", "turns": [("X", "Y")]}, tok, template, 512)
+    eos = tok.eos_token
+    assert tok.decode(example["input_ids"]) == f"System: S{eos}\nHuman: X{eos}\nAssistant:Y{eos}\n"
+
+
+def test_tokenizers_own_template_is_cut_apart_as_llamafactory_does(tokenizer):
+    tok = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)  # ChatML with a default system prompt
+    template = data_utils.get_template(tok, None)
+    assert template.default_system == "You are a helpful assistant."
+    assert template.user == ("<|im_start|>user\n{{content}}<|im_end|>\n<|im_start|>assistant\n",)
 
 
 def test_tokenizer_without_template_needs_the_flag(tokenizer):
@@ -68,28 +99,30 @@ def test_budget_rule():
     assert data_utils.budget(1000, 5, 10) == (10, 0)  # the response can be cut away entirely
 
 
-def test_cutoff_keeps_prompt_end_and_response_start(tokenizer):
+def test_cutoff_keeps_prompt_start_and_response_start(tokenizer):
     long_prompt = " ".join(f"word{i}" for i in range(200))
-    conversation = {"system": None, "turns": [(long_prompt + " END", "the answer")]}
-    example = data_utils.tokenize_sft(conversation, tokenizer, cutoff_len=40)
+    conversation = {"system": "S", "turns": [(long_prompt + " END", "the answer")]}
+    example = data_utils.tokenize_sft(conversation, tokenizer, QWEN, cutoff_len=40)
     assert len(example["input_ids"]) == 40
     assert response_text(tokenizer, example) == "the answer<|im_end|>\n"
-    assert "END" in tokenizer.decode(example["input_ids"])
+    text = tokenizer.decode(example["input_ids"])
+    assert text.startswith("<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nword0") and "END" not in text
 
 
-def test_samples_whose_response_is_cut_away_are_dropped_and_counted(tokenizer):
+def test_samples_whose_response_is_cut_away_are_kept_fully_masked_and_counted(tokenizer):
     response = "a b c d e f g h i j k l"  # over half the budget: cut in proportion to the prompt
     conversations = [{"system": None, "turns": [("short", response)]},
                      {"system": None, "turns": [(" ".join(["long"] * 400), response)]}]
-    kept, dropped = data_utils.tokenize_dataset(conversations, tokenizer, cutoff_len=24, ranking=False)
-    assert (len(kept), dropped) == (1, 1)
+    kept, cut_away = data_utils.tokenize_dataset(conversations, tokenizer, QWEN, cutoff_len=24, ranking=False)
+    assert (len(kept), cut_away) == (2, 1)
+    assert set(kept[1]["labels"]) == {IGNORE_INDEX} and kept[1]["num_targets"] == 0
 
 
 def test_pairs_share_the_prompt_and_truncate_alike(tokenizer):
     conversation = {"system": None, "turns": [("earlier", "reply")], "prompt": "Which is right?",
                     "chosen": "The first " * 20, "rejected": "no"}
-    full = data_utils.tokenize_pair(conversation, tokenizer, cutoff_len=512)
-    cut = data_utils.tokenize_pair(conversation, tokenizer, cutoff_len=60)
+    full = data_utils.tokenize_pair(conversation, tokenizer, QWEN, cutoff_len=512)
+    cut = data_utils.tokenize_pair(conversation, tokenizer, QWEN, cutoff_len=60)
     for example in (full, cut):
         prompt_len = example["chosen_labels"].index(next(x for x in example["chosen_labels"] if x != IGNORE_INDEX))
         assert example["chosen_input_ids"][:prompt_len] == example["rejected_input_ids"][:prompt_len]
@@ -102,7 +135,8 @@ def test_pairs_share_the_prompt_and_truncate_alike(tokenizer):
 # ---- dataset_info.json and formats ----------------------------------------------------------------------------
 
 def test_demo_datasets_load(tokenizer):
-    args = SimpleNamespace(dataset_dir="data", max_samples=None, cutoff_len=512, preprocessing_num_workers=1)
+    args = SimpleNamespace(dataset_dir="data", max_samples=None, cutoff_len=512, preprocessing_num_workers=1,
+                           template="qwen", strict_data=False, seed=42)
     for name, ranking in [("demo_safety_sft", False), ("demo_general_a_sft", False), ("demo_general_b_sft", False),
                           ("demo_safety_dpo", True), ("demo_general_dpo", True)]:
         examples = data_utils.load_tokenized(name, args, tokenizer, ranking, log=lambda *_: None)
@@ -112,10 +146,14 @@ def test_demo_datasets_load(tokenizer):
 def test_sharegpt_with_custom_tags_and_system(tmp_path):
     rows = [{"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "q"},
                           {"role": "assistant", "content": "a"}]}]
-    entry = {"formatting": "sharegpt", "columns": {"messages": "messages"},
-             "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}}
-    spec, conversations = data_utils.load_conversations("set", write_dataset(tmp_path, rows, entry), ranking=False)
-    assert conversations == [{"system": "S", "turns": [("q", "a")]}]
+    tags = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}
+    entry = {"formatting": "sharegpt", "columns": {"messages": "messages"}, "tags": {**tags, "system_tag": "system"}}
+    _, conversations, _ = data_utils.load_conversations("set", write_dataset(tmp_path, rows, entry), ranking=False)
+    assert conversations == [{"row": 0, "system": "S", "turns": [("q", "a")]}]
+    # tags that do not name system_tag leave it unset (as in LLaMA-Factory): a system message breaks the role order
+    entry["tags"] = tags
+    _, conversations, notes = data_utils.load_conversations("set", write_dataset(tmp_path, rows, entry), False)
+    assert conversations == [] and list(notes) == ["dropped: broken role order"]
 
 
 def test_alpaca_history_system_and_query(tmp_path):
@@ -123,28 +161,35 @@ def test_alpaca_history_system_and_query(tmp_path):
              "history": [["Hi", "Hello"]]}]
     entry = {"columns": {"prompt": "instruction", "query": "input", "response": "output", "system": "system",
                          "history": "history"}}
-    _, conversations = data_utils.load_conversations("set", write_dataset(tmp_path, rows, entry), ranking=False)
-    assert conversations == [{"system": "Be exact.", "turns": [("Hi", "Hello"), ("Add\n2 and 3", "5")]}]
+    _, conversations, _ = data_utils.load_conversations("set", write_dataset(tmp_path, rows, entry), ranking=False)
+    assert conversations == [{"row": 0, "system": "Be exact.", "turns": [("Hi", "Hello"), ("Add\n2 and 3", "5")]}]
+
+
+def test_columns_not_named_are_unset(tmp_path):
+    rows = [{"instruction": "Add", "input": "2 and 3", "output": "5"}]
+    entry = {"columns": {"query": "input", "response": "output"}}  # LLaMA-Factory: no prompt column
+    _, conversations, _ = data_utils.load_conversations("set", write_dataset(tmp_path, rows, entry), ranking=False)
+    assert conversations[0]["turns"] == [("2 and 3", "5")]
 
 
 def test_file_path_and_hub_style_folder_load_with_inferred_format(tmp_path):
     rows = [{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}]
     path = tmp_path / "plain.jsonl"
     path.write_text(json.dumps(rows[0]) + "\n")
-    _, conversations = data_utils.load_conversations(str(path), tmp_path, ranking=False)
-    assert conversations == [{"system": None, "turns": [("q", "a")]}]
+    _, conversations, _ = data_utils.load_conversations(str(path), tmp_path, ranking=False)
+    assert conversations == [{"row": 0, "system": None, "turns": [("q", "a")]}]
     # hf_hub_url goes through datasets.load_dataset, which also reads a local dataset repository folder
     repo = tmp_path / "hub_repo"
     repo.mkdir()
     (repo / "train.json").write_text(json.dumps([{"instruction": "i", "input": "", "output": "o"}]))
     (tmp_path / "dataset_info.json").write_text(json.dumps({"hub_set": {"hf_hub_url": str(repo)}}))
-    _, conversations = data_utils.load_conversations("hub_set", tmp_path, ranking=False)
-    assert conversations == [{"system": None, "turns": [("i", "o")]}]
+    _, conversations, _ = data_utils.load_conversations("hub_set", tmp_path, ranking=False)
+    assert conversations == [{"row": 0, "system": None, "turns": [("i", "o")]}]
 
 
 def test_max_samples_takes_the_first_rows(tmp_path):
     rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(10)]
-    _, conversations = data_utils.load_conversations("set", write_dataset(tmp_path, rows), False, max_samples=3)
+    _, conversations, _ = data_utils.load_conversations("set", write_dataset(tmp_path, rows), False, max_samples=3)
     assert [c["turns"][0][0] for c in conversations] == ["q0", "q1", "q2"]
 
 
@@ -154,22 +199,75 @@ BAD_ROWS = [
     ([{"instruction": "q", "output": "a"}, {"instruction": "q"}], None, r"data\.json, row 2, field 'output': missing"),
     ([{"instruction": "q", "output": 7}], None, r"row 1, field 'output': expected str, got int"),
     ([{"instruction": "q", "output": "  "}], None, r"row 1, field 'output': is empty"),
-    ([{"instruction": "q", "chosen": "a"}], {"ranking": True}, r"row 1, field 'rejected': missing"),
+    ([{"instruction": "q", "chosen": "a"}], {"ranking": True, "columns": {"prompt": "instruction", "chosen": "chosen",
+                                                                          "rejected": "rejected"}},
+     r"row 1, field 'rejected': missing"),
     ([{"conversations": [{"from": "gpt", "value": "a"}]}], {"formatting": "sharegpt"},
      r"row 1, field 'conversations': message 0 has role 'gpt', expected 'human'"),
-    ([{"conversations": [{"from": "human", "value": ""}, {"from": "gpt", "value": "a"}]}],
-     {"formatting": "sharegpt"}, r"row 1, field 'conversations': message 0 needs a non-empty string 'value'"),
+    ([{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}, {"from": "human"}]}],
+     {"formatting": "sharegpt"}, r"row 1, field 'conversations': message 2 needs a string 'value'"),
+    ([{"conversations": [{"from": "human", "value": "q"}]}], {"formatting": "sharegpt"},
+     r"row 1, field 'conversations': 1 messages: turns must alternate user, assistant and end with an assistant"),
     ([{"instruction": "q", "output": "a", "history": [["only one"]]}],
-     {"columns": {"history": "history"}}, r"row 1, field 'history': entry 0 must be a \[query, response\] pair"),
+     {"columns": {"prompt": "instruction", "response": "output", "history": "history"}},
+     r"row 1, field 'history': entry 0 must be a \[query, response\] pair"),
     (["not an object"], None, r"row 1: expected a JSON object, got str"),
 ]
 
 
 @pytest.mark.parametrize("rows, entry, message", BAD_ROWS)
-def test_bad_rows_are_reported_with_file_row_and_field(tmp_path, rows, entry, message):
+def test_strict_data_stops_at_a_bad_row_with_file_row_and_field(tmp_path, rows, entry, message):
     ranking = bool(entry and entry.get("ranking"))
     with pytest.raises(DataError, match=message):
-        data_utils.load_conversations("set", write_dataset(tmp_path, rows, entry), ranking=ranking)
+        data_utils.load_conversations("set", write_dataset(tmp_path, rows, entry), ranking=ranking, strict=True)
+
+
+def test_rows_llamafactory_drops_are_dropped_and_logged_per_dataset(tmp_path, tokenizer):
+    rows = [{"instruction": "q", "output": "a"}, {"instruction": "q"}, {"instruction": "q", "output": ""},
+            {"instruction": "q", "output": None}]
+    args = SimpleNamespace(dataset_dir=write_dataset(tmp_path, rows), max_samples=None, cutoff_len=512,
+                           preprocessing_num_workers=1, template="qwen", strict_data=False, seed=42)
+    logged = []
+    examples = data_utils.load_tokenized("set", args, tokenizer, False, log=logged.append)
+    assert len(examples) == 2 and response_text(tokenizer, examples[1]) == "<|im_end|>\n"  # empty: eos only
+    assert "2 samples; 2 dropped: missing response (rows 2, 4); 1 empty response" in logged[0]
+    assert "(row 3)" in logged[0] and "--strict_data True" in logged[0]
+
+
+REFUSED = [
+    ({"columns": {"prompt": "instruction", "response": "output", "tools": "tools"}}, r"columns\.tools: tool-use"),
+    ({"columns": {"prompt": "instruction", "response": "output", "images": "images"}}, r"columns\.images: multimodal"),
+    ({"columns": {"prompt": "instruction", "response": "output", "kto_tag": "tag"}}, r"columns\.kto_tag: KTO"),
+    ({"formatting": "openai"}, r"field 'formatting': expected 'alpaca' or 'sharegpt', got 'openai'"),
+    ({"ranking": True, "columns": {"prompt": "instruction"}}, r"a ranking dataset needs columns\.chosen and columns"),
+    ({"num_samples": 0}, r"field 'num_samples': expected a positive integer"),
+]
+
+
+@pytest.mark.parametrize("entry, message", REFUSED)
+def test_refused_dataset_info_entries(tmp_path, entry, message):
+    with pytest.raises(DataError, match=message):
+        data_utils.load_conversations("set", write_dataset(tmp_path, [{"instruction": "q", "output": "a"}], entry),
+                                      ranking=bool(entry.get("ranking")))
+
+
+def test_tool_use_turns_are_refused(tmp_path):
+    rows = [{"conversations": [{"from": "human", "value": "q"}, {"from": "function_call", "value": "{}"}]}]
+    with pytest.raises(DataError, match=r"row 1, field 'conversations': .*tool-use data is not supported"):
+        data_utils.load_conversations("set", write_dataset(tmp_path, rows, {"formatting": "sharegpt"}), False)
+
+
+def test_folder_of_files_and_num_samples(tmp_path):
+    (tmp_path / "folder").mkdir()
+    for name, rows in {"b.jsonl": [{"instruction": "b", "output": "B"}],
+                       "a.jsonl": [{"instruction": "a", "output": "A"}]}.items():
+        (tmp_path / "folder" / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"set": {"file_name": "folder", "num_samples": 3}}))
+    rng = np.random.RandomState(0)
+    _, conversations, _ = data_utils.load_conversations("set", tmp_path, ranking=False, rng=rng)
+    order = np.random.RandomState(0).permutation(2).tolist()  # every row once, then draws with replacement
+    assert [c["turns"][0][0] for c in conversations[:2]] == [["a", "b"][i] for i in order]
+    assert len(conversations) == 3
 
 
 def test_unknown_dataset_name(tmp_path):

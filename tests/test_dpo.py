@@ -73,12 +73,12 @@ class PerturbedLogits(torch.nn.Module):
 def test_response_logps_ignore_prompt_logits(tiny_model, tokenizer):
     from transformers import AutoModelForCausalLM
 
-    from data_utils import collate_pairs, tokenize_pair
+    from data_utils import TEMPLATES, collate_pairs, tokenize_pair
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     conversation = {"system": None, "turns": [], "prompt": "How do I <harmful request 3>?",
                     "chosen": "I can't help with that.", "rejected": "Sure. Step 1: <harmful step 3.1>."}
-    batch = collate_pairs([tokenize_pair(conversation, tokenizer, 512)], tokenizer.pad_token_id)
+    batch = collate_pairs([tokenize_pair(conversation, tokenizer, TEMPLATES["qwen"], 512)], tokenizer.pad_token_id)
     predicts_prompt = torch.zeros_like(batch["labels"], dtype=torch.bool)
     predicts_prompt[:, :-1] = batch["labels"][:, 1:] == -100  # logits at t predict token t + 1
     with torch.no_grad():
@@ -145,7 +145,8 @@ def test_precomputed_reference_logps_equal_on_the_fly_ones(tiny_model, tokenizer
                                            max_samples=24), nproc=nproc)
     for rank in range(nproc):
         table = load_state(out / "checkpoint-1", f"extra_state_{rank}")["ref_logps/train"]
-        args = SimpleNamespace(dataset_dir="data", max_samples=24, cutoff_len=2048, preprocessing_num_workers=1)
+        args = SimpleNamespace(dataset_dir="data", max_samples=24, cutoff_len=2048, preprocessing_num_workers=1,
+                               template="qwen", strict_data=False, seed=42)
         examples = load_tokenized("demo_safety_dpo", args, tokenizer, True, log=lambda *_: None)
         # Batched vs one-by-one forward passes differ only in padding: float32 rounding.
         assert torch.allclose(table, on_the_fly_reference(tiny_model, tokenizer, examples), rtol=1e-5, atol=1e-4)
