@@ -27,6 +27,7 @@ from backends import make_backend, prepare_reference_model
 from checkpoint import Checkpointer, is_save_step, prepare_output_dir, write_json
 from data_utils import DataError, StepSampler, collate_pairs, collate_sft, is_ranking, load_tokenized
 from ogpsa_core import ReferenceGradients, ReferenceSet, UpdateProjector
+from run_guard import StepGuard, UserError, hold_output_dir, run_main
 from train_utils import (MetricLog, build_optimizer, build_parser, build_scheduler, check_args, end_run, flag,
                          load_model, load_tokenizer, make_accelerator, make_projector, projection_scalars,
                          response_nll_sum, response_positions, to_device, token_logps, total_optimizer_steps)
@@ -115,10 +116,13 @@ def add_dpo_flags(parser):
 
 def main():
     parser = add_dpo_flags(build_parser(__doc__, "dpo_pg", default_lr=1e-6))
-    args = check_args(parser.parse_args(), "dpo_pg")
+    args = parser.parse_args()
+    hold_output_dir(args.output_dir)  # one run per output folder, before anything in it is read
+    args = check_args(args, "dpo_pg")
     if args.dpo_label_smoothing and args.pref_loss != "sigmoid":
-        raise SystemExit("--dpo_label_smoothing applies to --pref_loss sigmoid only")
+        raise UserError("--dpo_label_smoothing applies to --pref_loss sigmoid only")
     accelerator = make_accelerator(args)
+    guard = StepGuard(accelerator, args)  # from here on SIGTERM stops the run after a step, with a checkpoint
     set_seed(args.seed)
     prepare_output_dir(args, accelerator)
     log, device = accelerator.print, accelerator.device
@@ -213,7 +217,7 @@ def main():
            f"{args.base_directions} directions" if projector else "off"))
 
     references = ReferenceGradients(reference_sets, args.base_num_samples, args.base_directions, args.base_batch_size)
-    metrics = MetricLog(accelerator, args, total_steps, step, extra.get("metric_totals"))
+    metrics = MetricLog(accelerator, args, total_steps, step, extra)
     refresh_seconds = None
     model.train()
     while step < total_steps:
@@ -223,6 +227,7 @@ def main():
 
         # ---- forward and backward: the loss is the mean over the pairs of the global batch --------------------
         micro_batches = sampler.micro_batches(step)
+        loss_share = 0.0  # this rank's part of the step's loss (the sum over ranks is the loss)
         for m, indices in enumerate(micro_batches):
             batch = to_device(collate_pairs([examples[i] for i in indices], pad), device)
             with backend.micro_batch(sync=m == len(micro_batches) - 1):
@@ -233,6 +238,7 @@ def main():
                 if args.pref_ftx:
                     losses = losses - args.pref_ftx * chosen_mean
                 backend.backward(losses.sum() * (world / sampler.global_batch))
+            loss_share = loss_share + losses.detach().double().sum() / sampler.global_batch
             chosen_rewards = args.pref_beta * (chosen - ref_chosen).detach()
             rejected_rewards = args.pref_beta * (rejected - ref_rejected).detach()
             for key, value in [("loss", losses), ("rewards/chosen", chosen_rewards),
@@ -258,23 +264,28 @@ def main():
         scheduler.step()
         step += 1
         metrics.bar.update(1)
+        metrics.add_step_loss(guard.check(step, loss_share, grad_norm))  # stops on a non-finite loss or norm
 
-        # ---- log and save -------------------------------------------------------------------------------------
+        # ---- log and save; stop after SIGTERM -----------------------------------------------------------------
         if log_now:
             metrics.flush(step, {"epoch": step / sampler.steps_per_epoch, "learning_rate": learning_rate,
                                  "grad_norm": grad_norm}
                           | projection_scalars(stats, projector, update_stats, refresh_seconds))
-        if is_save_step(args, step, sampler.steps_per_epoch):
-            state = {"metric_totals": metrics.totals}
+        stop = guard.preempted and step < total_steps
+        if is_save_step(args, step, sampler.steps_per_epoch) or stop:
+            state = metrics.state()
             if ref_table and ref_model is None:
                 state["ref_logps"] = True
                 state.update({f"ref_logps/{name}": table for name, table in ref_table.items()})
             checkpoints.save(step, state)
+        if stop:
+            end_run(accelerator)
+            guard.exit_preempted(step)
 
     checkpoints.save_final_model()
-    metrics.finish(step, summary_keys=("rewards/accuracies",))
+    metrics.finish(step, summary_keys=("rewards/accuracies",), log_scale=("loss",))
     end_run(accelerator)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

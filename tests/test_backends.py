@@ -24,6 +24,7 @@ from helpers import WEIGHTS_RTOL, load_weights, read_log, run_script, weights_re
 from test_dpo import dpo_args
 from test_sft_e2e import sft_args
 from backends import PARTITION_KEYS, configure_deepspeed
+from run_guard import UserError
 from train_utils import build_parser, check_args, make_projector
 
 CONFIGS = Path(__file__).resolve().parents[1] / "accelerate_configs"
@@ -179,7 +180,7 @@ def test_update_projection_under_ddp_equals_one_process(tiny_model, tmp_path):
 def test_update_projection_is_refused_under_deepspeed(tiny_model, tmp_path):
     args = check_args(build_parser("", "sft_pg", 1e-5).parse_args(
         sft_args(tiny_model, tmp_path, base_project_update=True)), "sft_pg")
-    with pytest.raises(SystemExit, match="--base_project_update is not supported under DeepSpeed"):
+    with pytest.raises(UserError, match="--base_project_update is not supported under DeepSpeed"):
         make_projector(args, SimpleNamespace(grad_slice=SimpleNamespace(sharded=True)))
 
 
