@@ -294,3 +294,18 @@ def test_only_torchs_deprecation_of_deepspeeds_collectives_is_hidden():
                           stacklevel=1)
     assert [str(w.message) for w in caught] == ["`torch.distributed.all_reduce` is deprecated. Please use `x` "
                                                 "instead."]
+
+
+def test_deepspeeds_first_op_build_is_announced(tmp_path, monkeypatch, capsys):
+    """An empty extensions cache: each op this run would compile is announced; a built one is not."""
+    from train_utils import announce_deepspeed_builds
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    announce_deepspeed_builds({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}})
+    out = capsys.readouterr().out
+    assert "building DeepSpeed's cpu_adam op once (about a minute" in out
+    assert ("deepspeed_shm_comm" in out) == (not torch.cuda.is_available())
+    (tmp_path / "cpu_adam").mkdir(exist_ok=True)  # the check made it
+    (tmp_path / "cpu_adam" / "cpu_adam.so").touch()
+    announce_deepspeed_builds({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}})
+    assert "cpu_adam" not in capsys.readouterr().out
