@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from checkpoint import RESUME_GLOBAL_BATCH, RESUME_MAY_CHANGE, RESUME_MUST_MATCH, RESUME_OGPSA, Checkpointer
-from helpers import load_weights, read_log, run_script
+from helpers import WEIGHTS_RTOL, load_weights, read_log, run_script, weights_relative_difference
 from run_guard import PREEMPTED_EXIT, USER_ERROR_EXIT, UserError, run_main
 from test_sft_e2e import sft_args
 from train_dpo_pg import add_dpo_flags
@@ -106,6 +106,35 @@ def test_sigterm_writes_a_checkpoint_and_resuming_is_bit_identical(preempted, tm
     results = [json.loads(Path(folder, "train_results.json").read_text()) for folder in (preempted.full, resumed)]
     mean = sum(r["loss"] for r in read_log(preempted.full)) / STEPS
     assert results[0]["train_loss"] == results[1]["train_loss"] == pytest.approx(mean, rel=1e-12)  # float64 sums
+
+
+def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(preempted, tmp_path):
+    """Two processes under torchrun; only rank 1 gets SIGTERM. Both must stop after the same step and write one
+    checkpoint together (else rank 0 would wait in the next collective); resuming it ends where one process does."""
+    out = tmp_path / "two"
+    two = flags(model_of(preempted), out, per_device_train_batch_size=2)  # the global batch of the one-process run
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+           "PYTHONUNBUFFERED": "1"}
+    port = str(29500 + (os.getpid() + 7) % 1000)
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                 "--master_port", port, str(ROOT / "train_sft_pg.py"), *two], cwd=ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not (out / "trainer_log.jsonl").exists() or not any(r["step"] >= 2 for r in read_log(out)):
+        assert launcher.poll() is None and time.time() < deadline, launcher.communicate()[0][-3000:]
+        time.sleep(0.05)
+    rank0 = int((out / "run.lock").read_text().split("pid ")[1].split(",")[0])
+    workers = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()
+    rank1 = [int(pid) for pid in workers if int(pid) != rank0]
+    assert len(rank1) == 1, workers
+    os.kill(rank1[0], signal.SIGTERM)
+    output = launcher.communicate(timeout=300)[0]
+    assert launcher.returncode != 0 and output.count("stopped by SIGTERM after step ") == 1, output[-3000:]
+    stopped = int(output.split("stopped by SIGTERM after step ")[1].split(";")[0])
+    assert sorted(p.name for p in (out / f"checkpoint-{stopped}").glob("rng_state_*.json")) == \
+        ["rng_state_0.json", "rng_state_1.json"]
+    run_script("train_sft_pg.py", two + ["--resume_from_checkpoint", "True"], nproc=2)
+    assert weights_relative_difference(load_weights(preempted.full), load_weights(out)) <= WEIGHTS_RTOL
 
 
 @pytest.mark.parametrize("changes, listed", [
