@@ -64,9 +64,12 @@ def hold_output_dir(output_dir):
 
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    Path(output_dir).mkdir(parents=True, exist_ok=True)
     path = Path(output_dir, LOCK_FILE)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise UserError(f"--output_dir {output_dir}: cannot write there ({err})") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -14,6 +14,9 @@ One GPU:                 accelerate launch --config_file accelerate_configs/sing
 Several GPUs (DDP):      accelerate launch --config_file accelerate_configs/multi_gpu.yaml train_dpo_pg.py ...
 DeepSpeed ZeRO-1/2/3:    accelerate launch --config_file accelerate_configs/deepspeed_zero2.yaml train_dpo_pg.py ...
 Two CPU processes:       torchrun --nproc_per_node 2 train_dpo_pg.py ...
+
+Exit codes: 0 done; 2 a mistake in flags, data or files (one line `error: ...`), or non-finite training; 143 stopped
+by SIGTERM after writing a checkpoint (resume with --resume_from_checkpoint True). See README, "When things go wrong".
 """
 
 import math

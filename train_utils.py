@@ -300,7 +300,9 @@ def check_model_path(path):
         if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
             raise UserError(f"model {path}: the folder has a config.json but no weights (*.safetensors or "
                             "*.bin); was the model saved completely?")
-    elif folder.exists() or str(path).startswith((".", "/", "~")) or str(path).count("/") > 1:
+    elif folder.exists():
+        raise UserError(f"model {path}: a file, not a model folder")
+    elif str(path).startswith((".", "/", "~")) or str(path).count("/") > 1:  # not a hub id either
         raise UserError(f"model {path}: no such folder")
 
 

@@ -85,6 +85,10 @@ def test_a_second_run_into_the_same_folder_stops_and_names_the_first(preempted):
         second.stderr
     assert "Traceback" not in second.stderr and "training:" not in second.stderr  # stopped before training
     assert (preempted.out / "checkpoint-2").is_dir()  # and removed nothing despite --overwrite_output_dir
+    # Once the first run has ended (here by SIGTERM), its lock is gone although run.lock stays.
+    assert preempted.first.returncode is not None and (preempted.out / "run.lock").exists()
+    take_lock = f"from run_guard import hold_output_dir; hold_output_dir({str(preempted.out)!r})"
+    subprocess.run([sys.executable, "-c", take_lock], cwd=ROOT, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
 def test_sigterm_writes_a_checkpoint_and_resuming_is_bit_identical(preempted, tmp_path):
