@@ -31,9 +31,10 @@ from checkpoint import Checkpointer, is_save_step, prepare_output_dir, write_jso
 from data_utils import DataError, StepSampler, collate_pairs, collate_sft, is_ranking, load_tokenized
 from ogpsa_core import ReferenceGradients, ReferenceSet, UpdateProjector
 from run_guard import StepGuard, UserError, hold_output_dir, run_main
-from train_utils import (MetricLog, build_optimizer, build_parser, build_scheduler, check_args, end_run, flag,
-                         load_model, load_tokenizer, make_accelerator, make_projector, projection_scalars,
-                         response_nll_sum, response_positions, to_device, token_logps, total_optimizer_steps)
+from train_utils import (NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, MetricLog, build_optimizer, build_parser,
+                         build_scheduler, check_args, checked, end_run, flag, load_model, load_tokenizer,
+                         make_accelerator, make_projector, projection_scalars, response_nll_sum, response_positions,
+                         to_device, token_logps, total_optimizer_steps)
 
 
 LOSSES = ("sigmoid", "ipo", "hinge")
@@ -103,10 +104,13 @@ def reference_logps(ref_model, examples, pad, batch_size, average, device, accel
 
 def add_dpo_flags(parser):
     g = parser.add_argument_group("preference optimisation")
-    flag(g, "--pref_beta", float, default=0.1, help="beta: strength of the KL regularisation towards the reference")
+    flag(g, "--pref_beta", POSITIVE_FLOAT, default=0.1,
+         help="beta: strength of the KL regularisation towards the reference")
     flag(g, "--pref_loss", default="sigmoid", choices=list(LOSSES), help="sigmoid (DPO), ipo or hinge")
-    flag(g, "--dpo_label_smoothing", float, default=0.0, help="sigmoid loss: label smoothing (conservative DPO)")
-    flag(g, "--pref_ftx", float, default=0.0, help="weight of an added SFT loss (mean-token NLL of the chosen)")
+    flag(g, "--dpo_label_smoothing", checked(float, lambda v: 0 <= v <= 0.5, "in [0, 0.5]"), default=0.0,
+         help="sigmoid loss: label smoothing (conservative DPO)")
+    flag(g, "--pref_ftx", NON_NEGATIVE_FLOAT, default=0.0,
+         help="weight of an added SFT loss (mean-token NLL of the chosen)")
     flag(g, "--ref_model", default=None, help="reference model (default: a frozen copy of the initial policy)")
     flag(g, "--precompute_ref_log_probs", bool, default=False,
          help="compute reference log-probabilities once before training, so no reference model is held")
