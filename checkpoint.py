@@ -14,7 +14,36 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+
+from run_guard import UserError
+
+# Resume rules. A resumed run must compute what the uninterrupted run would have: every flag that changes the result
+# must equal the checkpoint's. Flags that only decide what is logged or saved, and where, may change.
+RESUME_MAY_CHANGE = {
+    "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "ddp_timeout", "preprocessing_num_workers",
+    "trust_remote_code", "gradient_checkpointing",  # recomputing activations gives the same values
+    "save_strategy", "save_steps", "save_total_limit", "save_only_model", "logging_steps", "report_to", "plot_loss",
+    "include_num_input_tokens_seen",
+    "base_batch_size",  # micro-batches of the reference gradients: the same sums, grouped otherwise (its default
+    # follows --per_device_train_batch_size, whose split of the global batch may change too)
+}
+# Only their product with the number of processes (the global batch) must match: Checkpointer.load checks it.
+RESUME_GLOBAL_BATCH = {"per_device_train_batch_size", "gradient_accumulation_steps"}
+# The method's settings: the saved basis was built with them.
+RESUME_OGPSA = {
+    "base_dataset", "base_num_samples", "base_num_steps", "base_method", "base_scale", "base_threshold",
+    "base_directions", "base_scope", "base_basis", "base_dtype", "base_project_update", "base_loss",
+}
+RESUME_MUST_MATCH = RESUME_OGPSA | {
+    "stage", "do_train", "seed", "deepspeed",  # run
+    "model_name_or_path", "finetuning_type", "template", "flash_attn",  # model
+    "dataset_dir", "dataset", "cutoff_len", "max_samples",  # data
+    "learning_rate", "num_train_epochs", "max_steps", "lr_scheduler_type", "warmup_steps", "warmup_ratio", "optim",
+    "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "bf16", "fp16",  # optimisation
+    "pref_beta", "pref_loss", "dpo_label_smoothing", "pref_ftx", "ref_model", "precompute_ref_log_probs",  # DPO
+}
 
 
 def resolve_resume(args):
@@ -22,17 +51,69 @@ def resolve_resume(args):
     resume = args.resume_from_checkpoint
     if resume in (None, "", "False", "false"):
         if checkpoints(args.output_dir) and not args.overwrite_output_dir:
-            raise SystemExit(f"{args.output_dir} already holds checkpoints: pass --resume_from_checkpoint True to "
-                             "continue, or --overwrite_output_dir True to start afresh")
+            raise UserError(f"{args.output_dir} already holds checkpoints: pass --resume_from_checkpoint True to "
+                            "continue, or --overwrite_output_dir True to start afresh")
         return None
     if resume in ("True", "true", "latest"):
         found = checkpoints(args.output_dir)
         if not found:
-            raise SystemExit(f"--resume_from_checkpoint {resume}: no checkpoint in {args.output_dir}")
-        return str(found[-1])
+            raise UserError(f"--resume_from_checkpoint {resume}: no checkpoint in {args.output_dir}")
+        resume = str(found[-1])
     if not Path(resume, "trainer_state.json").is_file():
-        raise SystemExit(f"--resume_from_checkpoint {resume}: not a complete checkpoint (no trainer_state.json)")
+        raise UserError(f"--resume_from_checkpoint {resume}: not a complete checkpoint (no trainer_state.json)")
+    verify_checkpoint(resume)
     return resume
+
+
+def check_resume_flags(args, folder):
+    """Refuse to resume with a flag that changes the result; the message lists each change (old -> new)."""
+    saved = read_json(Path(folder, "trainer_state.json"), folder).get("args", {})
+    now = json_safe(vars(args))
+    changed = [name for name in sorted(now) if name in saved and name not in RESUME_MAY_CHANGE | RESUME_GLOBAL_BATCH
+               and now[name] != saved[name]]  # a flag in neither list counts as one that must match
+    if not changed:
+        return
+    listed = "; ".join(f"--{name} {saved[name]} -> {now[name]}" for name in changed)
+    ogpsa = [f"--{name}" for name in changed if name in RESUME_OGPSA]
+    raise UserError(
+        f"cannot resume from {folder} with other settings: {listed}. These change the result, so the run would not "
+        "be the one the checkpoint belongs to"
+        + (f" ({', '.join(ogpsa)}: the saved basis was built with the old value)" if ogpsa else "")
+        + f". Resume with the checkpoint's values (in {Path(folder, 'trainer_state.json')}), or start a new run from "
+        f"the checkpoint's model: --model_name_or_path {folder} with a new --output_dir and no "
+        "--resume_from_checkpoint (the optimizer, schedule and basis then start afresh)")
+
+
+def verify_checkpoint(folder):
+    """Open every file of a checkpoint (safetensors headers and sizes, JSON): a damaged one is named, with the
+    checkpoint to use instead, before any training starts."""
+    for path in sorted(Path(folder).iterdir()):
+        try:
+            if path.suffix == ".safetensors":
+                with safe_open(str(path), framework="pt"):
+                    pass
+            elif path.suffix == ".json":
+                json.loads(path.read_text())
+        except (SafetensorError, ValueError, OSError) as err:
+            raise UserError(f"checkpoint file {path} is damaged ({type(err).__name__}: {err}); "
+                            f"{use_instead(folder)}") from None
+
+
+def use_instead(folder):
+    """What to resume from when checkpoint `folder` is damaged: the newest complete one before it."""
+    name = Path(folder).name
+    earlier = [c for c in checkpoints(Path(folder).parent)
+               if name.split("-")[-1].isdigit() and int(c.name.split("-")[-1]) < int(name.split("-")[-1])]
+    if earlier:
+        return f"use the previous checkpoint {earlier[-1]}"
+    return "there is no earlier checkpoint: start afresh with --overwrite_output_dir True"
+
+
+def read_json(path, folder):
+    try:
+        return json.loads(Path(path).read_text())
+    except (ValueError, OSError) as err:
+        raise UserError(f"checkpoint file {path} is unreadable ({err}); {use_instead(folder)}") from None
 
 
 def prepare_output_dir(args, accelerator):
@@ -128,33 +209,34 @@ class Checkpointer:
         self.backend, self.scheduler, self.projector = backend, scheduler, projector
 
     def save(self, step, extra_state=None):
-        """Write OUTPUT_DIR/checkpoint-STEP; `extra_state` is the loop's own (nested tensors and scalars)."""
-        args, accelerator, backend, projector = self.args, self.accelerator, self.backend, self.projector
+        """Write OUTPUT_DIR/checkpoint-STEP; `extra_state` is the loop's own (nested tensors and scalars).
+
+        A write error (a full disk) removes the partial folder and stops with a UserError naming the folder; the
+        previous checkpoints are untouched.
+        """
+        args, accelerator = self.args, self.accelerator
         output = Path(args.output_dir)
         final = output / f"checkpoint-{step}"
         partial = output / f".partial-checkpoint-{step}"
-        if accelerator.is_main_process:
-            shutil.rmtree(partial, ignore_errors=True)
-            partial.mkdir(parents=True)
-        accelerator.wait_for_everyone()
-        self._save_model(partial)
-        if not args.save_only_model:
-            if backend.grad_slice.sharded or accelerator.is_main_process:
-                save_state(backend.optimizer_state(), partial, self.optimizer_file(accelerator.process_index))
+        try:
             if accelerator.is_main_process:
-                Path(partial, "scheduler.json").write_text(json.dumps(self.scheduler.state_dict()))
-            save_state(rng_state(), partial, f"rng_state_{accelerator.process_index}")
-            if projector is not None and (backend.grad_slice.sharded or accelerator.is_main_process):
-                basis_file = partial / f"ogpsa_basis_{accelerator.process_index}.safetensors"
-                save_file(projector.state_dict(), str(basis_file))
-            if extra_state:
-                save_state(extra_state, partial, f"extra_state_{accelerator.process_index}")
-        accelerator.wait_for_everyone()
+                shutil.rmtree(partial, ignore_errors=True)
+                partial.mkdir(parents=True)
+            accelerator.wait_for_everyone()
+            self._write_state(partial, extra_state)
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                trainer_state = {"global_step": step, "save_only_model": args.save_only_model,
+                                 "world_size": accelerator.num_processes, "args": json_safe(vars(args))}
+                Path(partial, "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+                _fsync_tree(partial)
+        except (OSError, SafetensorError) as err:
+            shutil.rmtree(partial, ignore_errors=True)  # give the space back
+            found = checkpoints(output)
+            raise UserError(f"writing checkpoint {final} failed ({type(err).__name__}: {err}); its partial files "
+                            "were removed and the previous checkpoints are untouched"
+                            + (f" (newest: {found[-1]})" if found else "")) from None
         if accelerator.is_main_process:
-            trainer_state = {"global_step": step, "save_only_model": args.save_only_model,
-                             "world_size": accelerator.num_processes, "args": json_safe(vars(args))}
-            Path(partial, "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
-            _fsync_tree(partial)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(partial, final)
@@ -163,30 +245,44 @@ class Checkpointer:
                     shutil.rmtree(old)
         accelerator.wait_for_everyone()
 
+    def _write_state(self, folder, extra_state):
+        """This rank's files of a checkpoint: model and tokenizer (main process), optimizer state, schedule, RNG
+        state, OGPSA basis and the loop's extra state."""
+        args, accelerator, backend, projector = self.args, self.accelerator, self.backend, self.projector
+        self._save_model(folder)
+        if args.save_only_model:
+            return
+        if backend.grad_slice.sharded or accelerator.is_main_process:
+            save_state(backend.optimizer_state(), folder, self.optimizer_file(accelerator.process_index))
+        if accelerator.is_main_process:
+            Path(folder, "scheduler.json").write_text(json.dumps(self.scheduler.state_dict()))
+        save_state(rng_state(), folder, f"rng_state_{accelerator.process_index}")
+        if projector is not None and (backend.grad_slice.sharded or accelerator.is_main_process):
+            save_file(projector.state_dict(), str(folder / f"ogpsa_basis_{accelerator.process_index}.safetensors"))
+        if extra_state:
+            save_state(extra_state, folder, f"extra_state_{accelerator.process_index}")
+
     def optimizer_file(self, rank):
         return f"optimizer_{rank}" if self.backend.grad_slice.sharded else "optimizer"
 
     def load(self, folder, global_batch):
         """Restore optimizer, scheduler, RNG and the OGPSA basis; returns (step, extra_state or {})."""
-        args, accelerator, backend, projector = self.args, self.accelerator, self.backend, self.projector
+        accelerator, backend, projector = self.accelerator, self.backend, self.projector
         trainer_state = json.loads(Path(folder, "trainer_state.json").read_text())
         if trainer_state["save_only_model"]:
-            raise SystemExit(f"{folder} was saved with --save_only_model True: it holds no optimizer, scheduler or RNG "
-                             "state, so training cannot resume exactly. Start a new run from it with "
-                             f"--model_name_or_path {folder} instead")
-        saved = trainer_state["args"]
+            raise UserError(f"{folder} was saved with --save_only_model True: it holds no optimizer, scheduler or RNG "
+                            "state, so training cannot resume exactly. Start a new run from it with "
+                            f"--model_name_or_path {folder} instead")
+        saved = trainer_state["args"]  # the other flags were compared in check_args (check_resume_flags)
         saved_batch = saved["per_device_train_batch_size"] * trainer_state["world_size"] * \
             saved["gradient_accumulation_steps"]
-        for name, now, then in [("global batch size (per-device batch x processes x accumulation)", global_batch,
-                                 saved_batch), ("--seed", args.seed, saved["seed"]),
-                                ("--dataset", args.dataset, saved["dataset"])]:
-            if now != then:
-                raise SystemExit(f"cannot resume from {folder}: {name} was {then}, now {now}; the data order would "
-                                 "differ")
+        if global_batch != saved_batch:
+            raise UserError(f"cannot resume from {folder}: the global batch size (per-device batch x processes x "
+                            f"accumulation) was {saved_batch}, now {global_batch}; the data order would differ")
         if backend.grad_slice.sharded and trainer_state["world_size"] != accelerator.num_processes:
-            raise SystemExit(f"cannot resume from {folder}: it was saved by {trainer_state['world_size']} processes "
-                             "and ZeRO shards the optimizer state and the OGPSA basis per process; resume with "
-                             f"{trainer_state['world_size']} processes")
+            raise UserError(f"cannot resume from {folder}: it was saved by {trainer_state['world_size']} processes "
+                            "and ZeRO shards the optimizer state and the OGPSA basis per process; resume with "
+                            f"{trainer_state['world_size']} processes")
         backend.load_optimizer_state(load_state(folder, self.optimizer_file(accelerator.process_index), "cpu"))
         self.scheduler.load_state_dict(json.loads(Path(folder, "scheduler.json").read_text()))
         rank = accelerator.process_index
@@ -197,8 +293,8 @@ class Checkpointer:
             basis_rank = rank if backend.grad_slice.sharded else 0
             basis_file = Path(folder, f"ogpsa_basis_{basis_rank}.safetensors")
             if not basis_file.is_file():
-                raise SystemExit(f"cannot resume from {folder}: it has no OGPSA basis for rank {basis_rank} (was it "
-                                 "saved without projection, or with another number of processes?)")
+                raise UserError(f"cannot resume from {folder}: it has no OGPSA basis for rank {basis_rank} (was it "
+                                "saved without projection, or with another number of processes?)")
             projector.load_state_dict(load_file(str(basis_file)))
         extra_file = Path(folder, f"extra_state_{rank}.json")
         extra = load_state(folder, f"extra_state_{rank}") if extra_file.is_file() else {}
@@ -208,11 +304,17 @@ class Checkpointer:
         """Model (safetensors) and tokenizer into OUTPUT_DIR, each file moved into place whole."""
         args, accelerator = self.args, self.accelerator
         staging = Path(args.output_dir, ".partial-final-model")
-        if accelerator.is_main_process:
+        try:
+            if accelerator.is_main_process:
+                shutil.rmtree(staging, ignore_errors=True)
+            self._save_model(staging)
+            if accelerator.is_main_process:
+                _fsync_tree(staging)
+        except (OSError, SafetensorError) as err:
             shutil.rmtree(staging, ignore_errors=True)
-        self._save_model(staging)
+            raise UserError(f"writing the final model into {args.output_dir} failed ({type(err).__name__}: {err}); "
+                            "the checkpoints are untouched") from None
         if accelerator.is_main_process:
-            _fsync_tree(staging)
             for path in staging.iterdir():
                 os.replace(path, Path(args.output_dir, path.name))
             staging.rmdir()

@@ -14,6 +14,9 @@ One GPU:                 accelerate launch --config_file accelerate_configs/sing
 Several GPUs (DDP):      accelerate launch --config_file accelerate_configs/multi_gpu.yaml train_dpo_pg.py ...
 DeepSpeed ZeRO-1/2/3:    accelerate launch --config_file accelerate_configs/deepspeed_zero2.yaml train_dpo_pg.py ...
 Two CPU processes:       torchrun --nproc_per_node 2 train_dpo_pg.py ...
+
+Exit codes: 0 done; 2 a mistake in flags, data or files (one line `error: ...`), or non-finite training; 143 stopped
+by SIGTERM after writing a checkpoint (resume with --resume_from_checkpoint True). See README, "When things go wrong".
 """
 
 import math
@@ -27,10 +30,11 @@ from backends import make_backend, prepare_reference_model
 from checkpoint import Checkpointer, is_save_step, prepare_output_dir, write_json
 from data_utils import DataError, StepSampler, collate_pairs, collate_sft, is_ranking, load_tokenized
 from ogpsa_core import ReferenceGradients, ReferenceSet
-from train_utils import (MetricLog, build_optimizer, build_parser, build_scheduler, check_args, end_run, flag,
-                         load_model, load_tokenizer, make_accelerator, make_projector, make_update_projector,
-                         projection_scalars, response_nll_sum, response_positions, to_device, token_logps,
-                         total_optimizer_steps)
+from run_guard import StepGuard, UserError, hold_output_dir, run_main
+from train_utils import (NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, MetricLog, build_optimizer, build_parser,
+                         build_scheduler, check_args, checked, end_run, flag, load_model, load_tokenizer,
+                         make_accelerator, make_projector, make_update_projector, projection_scalars,
+                         response_nll_sum, response_positions, to_device, token_logps, total_optimizer_steps)
 
 
 LOSSES = ("sigmoid", "ipo", "hinge")
@@ -100,10 +104,13 @@ def reference_logps(ref_model, examples, pad, batch_size, average, device, accel
 
 def add_dpo_flags(parser):
     g = parser.add_argument_group("preference optimisation")
-    flag(g, "--pref_beta", float, default=0.1, help="beta: strength of the KL regularisation towards the reference")
+    flag(g, "--pref_beta", POSITIVE_FLOAT, default=0.1,
+         help="beta: strength of the KL regularisation towards the reference")
     flag(g, "--pref_loss", default="sigmoid", choices=list(LOSSES), help="sigmoid (DPO), ipo or hinge")
-    flag(g, "--dpo_label_smoothing", float, default=0.0, help="sigmoid loss: label smoothing (conservative DPO)")
-    flag(g, "--pref_ftx", float, default=0.0, help="weight of an added SFT loss (mean-token NLL of the chosen)")
+    flag(g, "--dpo_label_smoothing", checked(float, lambda v: 0 <= v <= 0.5, "in [0, 0.5]"), default=0.0,
+         help="sigmoid loss: label smoothing (conservative DPO)")
+    flag(g, "--pref_ftx", NON_NEGATIVE_FLOAT, default=0.0,
+         help="weight of an added SFT loss (mean-token NLL of the chosen)")
     flag(g, "--ref_model", default=None, help="reference model (default: a frozen copy of the initial policy)")
     flag(g, "--precompute_ref_log_probs", bool, default=False,
          help="compute reference log-probabilities once before training, so no reference model is held")
@@ -116,10 +123,13 @@ def add_dpo_flags(parser):
 
 def main():
     parser = add_dpo_flags(build_parser(__doc__, "dpo_pg", default_lr=1e-6))
-    args = check_args(parser.parse_args(), "dpo_pg")
+    args = parser.parse_args()
+    hold_output_dir(args.output_dir)  # one run per output folder, before anything in it is read
+    args = check_args(args, "dpo_pg")
     if args.dpo_label_smoothing and args.pref_loss != "sigmoid":
-        raise SystemExit("--dpo_label_smoothing applies to --pref_loss sigmoid only")
+        raise UserError("--dpo_label_smoothing applies to --pref_loss sigmoid only")
     accelerator = make_accelerator(args)
+    guard = StepGuard(accelerator, args)  # from here on SIGTERM stops the run after a step, with a checkpoint
     set_seed(args.seed)
     prepare_output_dir(args, accelerator)
     log, device = accelerator.print, accelerator.device
@@ -214,7 +224,7 @@ def main():
            f"{args.base_directions} directions" if projector else "off"))
 
     references = ReferenceGradients(reference_sets, args.base_num_samples, args.base_directions, args.base_batch_size)
-    metrics = MetricLog(accelerator, args, total_steps, step, extra.get("metric_totals"))
+    metrics = MetricLog(accelerator, args, total_steps, step, extra)
     refresh_seconds = None
     model.train()
     while step < total_steps:
@@ -224,6 +234,7 @@ def main():
 
         # ---- forward and backward: the loss is the mean over the pairs of the global batch --------------------
         micro_batches = sampler.micro_batches(step)
+        loss_share = 0.0  # this rank's part of the step's loss (the sum over ranks is the loss)
         for m, indices in enumerate(micro_batches):
             batch = to_device(collate_pairs([examples[i] for i in indices], pad), device)
             with backend.micro_batch(sync=m == len(micro_batches) - 1):
@@ -234,6 +245,7 @@ def main():
                 if args.pref_ftx:
                     losses = losses - args.pref_ftx * chosen_mean
                 backend.backward(losses.sum() * (world / sampler.global_batch))
+            loss_share = loss_share + losses.detach().double().sum() / sampler.global_batch
             chosen_rewards = args.pref_beta * (chosen - ref_chosen).detach()
             rejected_rewards = args.pref_beta * (rejected - ref_rejected).detach()
             for key, value in [("loss", losses), ("rewards/chosen", chosen_rewards),
@@ -259,23 +271,28 @@ def main():
         scheduler.step()
         step += 1
         metrics.bar.update(1)
+        metrics.add_step_loss(guard.check(step, loss_share, grad_norm))  # stops on a non-finite loss or norm
 
-        # ---- log and save -------------------------------------------------------------------------------------
+        # ---- log and save; stop after SIGTERM -----------------------------------------------------------------
         if log_now:
             metrics.flush(step, {"epoch": step / sampler.steps_per_epoch, "learning_rate": learning_rate,
                                  "grad_norm": grad_norm}
                           | projection_scalars(stats, projector, update_stats, refresh_seconds))
-        if is_save_step(args, step, sampler.steps_per_epoch):
-            state = {"metric_totals": metrics.totals}
+        stop = guard.preempted and step < total_steps
+        if is_save_step(args, step, sampler.steps_per_epoch) or stop:
+            state = metrics.state()
             if ref_table and ref_model is None:
                 state["ref_logps"] = True
                 state.update({f"ref_logps/{name}": table for name, table in ref_table.items()})
             checkpoints.save(step, state)
+        if stop:
+            end_run(accelerator)
+            guard.exit_preempted(step)
 
     checkpoints.save_final_model()
-    metrics.finish(step, summary_keys=("rewards/accuracies",))
+    metrics.finish(step, summary_keys=("rewards/accuracies",), log_scale=("loss",))
     end_run(accelerator)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

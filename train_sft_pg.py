@@ -15,6 +15,9 @@ One GPU:                 accelerate launch --config_file accelerate_configs/sing
 Several GPUs (DDP):      accelerate launch --config_file accelerate_configs/multi_gpu.yaml train_sft_pg.py ...
 DeepSpeed ZeRO-1/2/3:    accelerate launch --config_file accelerate_configs/deepspeed_zero2.yaml train_sft_pg.py ...
 Two CPU processes:       torchrun --nproc_per_node 2 train_sft_pg.py ...
+
+Exit codes: 0 done; 2 a mistake in flags, data or files (one line `error: ...`), or non-finite training; 143 stopped
+by SIGTERM after writing a checkpoint (resume with --resume_from_checkpoint True). See README, "When things go wrong".
 """
 
 from pathlib import Path
@@ -25,14 +28,18 @@ from backends import make_backend
 from checkpoint import Checkpointer, is_save_step, prepare_output_dir, write_json
 from data_utils import StepSampler, collate_sft, load_tokenized
 from ogpsa_core import ReferenceGradients, ReferenceSet
+from run_guard import StepGuard, hold_output_dir, run_main
 from train_utils import (MetricLog, build_optimizer, build_parser, build_scheduler, check_args, end_run, load_model,
                          load_tokenizer, make_accelerator, make_projector, make_update_projector, projection_scalars,
                          response_nll_sum, to_device, token_logps, total_optimizer_steps)
 
 
 def main():
-    args = check_args(build_parser(__doc__, "sft_pg", default_lr=1e-5).parse_args(), "sft_pg")
+    args = build_parser(__doc__, "sft_pg", default_lr=1e-5).parse_args()
+    hold_output_dir(args.output_dir)  # one run per output folder, before anything in it is read
+    args = check_args(args, "sft_pg")
     accelerator = make_accelerator(args)
+    guard = StepGuard(accelerator, args)  # from here on SIGTERM stops the run after a step, with a checkpoint
     set_seed(args.seed)
     prepare_output_dir(args, accelerator)
     log, device = accelerator.print, accelerator.device
@@ -79,7 +86,7 @@ def main():
         + (f"{args.base_method}, {args.base_scope}, {len(reference_sets)} sets x {args.base_directions} directions"
            if projector else "off"))
 
-    metrics = MetricLog(accelerator, args, total_steps, step, extra.get("metric_totals"))
+    metrics = MetricLog(accelerator, args, total_steps, step, extra)
     refresh_seconds = None
     model.train()
     while step < total_steps:
@@ -90,12 +97,14 @@ def main():
         # ---- forward and backward: the loss is the mean over every response token of the global batch ---------
         step_targets = max(1, sum(examples[i]["num_targets"] for i in sampler.step_indices(step)))  # 0: all cut away
         micro_batches = sampler.micro_batches(step)
+        loss_share = 0.0  # this rank's part of the step's loss (the sum over ranks is the loss)
         for m, indices in enumerate(micro_batches):
             batch = to_device(collate_sft([examples[i] for i in indices], pad), device)
             with backend.micro_batch(sync=m == len(micro_batches) - 1):
                 logps, logits = token_logps(model, batch)  # logits: for any extra loss term
                 nll = -logps.sum()
                 backend.backward(nll * (world / step_targets))  # DDP averages over ranks: scale back up
+            loss_share = loss_share + nll.detach().double() / step_targets
             metrics.add("loss", nll, sum(examples[i]["num_targets"] for i in indices))
             if args.include_num_input_tokens_seen:
                 metrics.count("num_input_tokens_seen", batch["attention_mask"].sum())
@@ -114,14 +123,19 @@ def main():
         scheduler.step()
         step += 1
         metrics.bar.update(1)
+        metrics.add_step_loss(guard.check(step, loss_share, grad_norm))  # stops on a non-finite loss or norm
 
-        # ---- log and save -------------------------------------------------------------------------------------
+        # ---- log and save; stop after SIGTERM -----------------------------------------------------------------
         if log_now:
             metrics.flush(step, {"epoch": step / sampler.steps_per_epoch, "learning_rate": learning_rate,
                                  "grad_norm": grad_norm}
                           | projection_scalars(stats, projector, update_stats, refresh_seconds))
-        if is_save_step(args, step, sampler.steps_per_epoch):
-            checkpoints.save(step, {"metric_totals": metrics.totals})
+        stop = guard.preempted and step < total_steps
+        if is_save_step(args, step, sampler.steps_per_epoch) or stop:
+            checkpoints.save(step, metrics.state())
+        if stop:
+            end_run(accelerator)
+            guard.exit_preempted(step)
 
     checkpoints.save_final_model()
     metrics.finish(step)
@@ -129,4 +143,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

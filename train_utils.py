@@ -18,11 +18,39 @@ import torch.nn.functional as F
 
 import ogpsa_core
 from backends import configure_deepspeed
-from checkpoint import json_safe, resolve_resume, write_json, write_text_atomic
+from checkpoint import check_resume_flags, json_safe, resolve_resume, write_json, write_text_atomic
 from data_utils import IGNORE_INDEX, TEMPLATES, apply_template
+from run_guard import UserError, first_line
 
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
               "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors as UserErrors: one line `error: argument --x: ...`, exit 2, no usage dump."""
+
+    def error(self, message):
+        raise UserError(message)
+
+
+def checked(type_, test, requirement):
+    """An argparse type that also checks the value, so a bad number is refused while parsing the flags."""
+    def parse(text):
+        value = type_(text)
+        if not test(value):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
+        return value
+
+    parse.__name__ = type_.__name__  # argparse names the type in "invalid float value"
+    return parse
+
+
+POSITIVE_INT = checked(int, lambda v: v >= 1, ">= 1")
+NON_NEGATIVE_INT = checked(int, lambda v: v >= 0, ">= 0")
+POSITIVE_FLOAT = checked(float, lambda v: math.isfinite(v) and v > 0, "finite and > 0")
+NON_NEGATIVE_FLOAT = checked(float, lambda v: math.isfinite(v) and v >= 0, "finite and >= 0")
+FINITE_FLOAT = checked(float, math.isfinite, "finite")
+FRACTION = checked(float, lambda v: 0 <= v < 1, "in [0, 1)")
 
 
 def str2bool(value):
@@ -45,7 +73,7 @@ def flag(group, name, type_=str, **kwargs):
 
 def build_parser(description, stage, default_lr):
     """The flags both scripts share; names and meanings follow the reference (LLaMA-Factory) commands."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = parser.add_argument_group("run")
     flag(g, "--stage", default=stage, help=f"training stage; this script runs '{stage}' (projection on) or "
                                            f"'{stage[:-3]}' (plain, --base_method must be none)")
@@ -55,7 +83,7 @@ def build_parser(description, stage, default_lr):
          help="start afresh even if OUTPUT_DIR holds checkpoints (otherwise refused unless resuming)")
     flag(g, "--seed", int, default=42, help="seed for the data order and dropout")
     flag(g, "--deepspeed", default=None, help="DeepSpeed JSON config ('auto' values are filled in from these flags)")
-    flag(g, "--ddp_timeout", int, default=1800, help="timeout in seconds for collective operations")
+    flag(g, "--ddp_timeout", POSITIVE_INT, default=1800, help="timeout in seconds for collective operations")
 
     g = parser.add_argument_group("model")
     flag(g, "--model_name_or_path", required=True, help="hub id or local folder of a causal LM")
@@ -71,40 +99,45 @@ def build_parser(description, stage, default_lr):
     flag(g, "--dataset_dir", default="data", help="folder with dataset_info.json and the data files")
     flag(g, "--dataset", required=True, help="comma-separated training datasets (dataset_info.json names, files or "
                                              "hub ids)")
-    flag(g, "--cutoff_len", int, default=2048, help="maximum tokens per sequence (prompt + response)")
-    flag(g, "--max_samples", int, default=None, help="use at most this many rows of each dataset")
-    flag(g, "--preprocessing_num_workers", int, default=None, help="processes for tokenisation (large sets only)")
+    flag(g, "--cutoff_len", checked(int, lambda v: v >= 2, ">= 2"), default=2048,
+         help="maximum tokens per sequence (prompt + response)")
+    flag(g, "--max_samples", POSITIVE_INT, default=None, help="use at most this many rows of each dataset")
+    flag(g, "--preprocessing_num_workers", POSITIVE_INT, default=None,
+         help="processes for tokenisation (large sets only)")
     flag(g, "--strict_data", bool, default=False, help="stop at the first bad row (naming file, row and field) "
                                                        "instead of dropping the rows LLaMA-Factory drops (logged)")
 
     g = parser.add_argument_group("optimisation")
-    flag(g, "--learning_rate", float, default=default_lr, help="peak learning rate")
-    flag(g, "--num_train_epochs", float, default=3.0, help="epochs (fractions allowed)")
-    flag(g, "--max_steps", int, default=-1, help="optimizer steps; overrides --num_train_epochs when > 0")
-    flag(g, "--per_device_train_batch_size", int, default=8, help="samples per micro-batch per process")
-    flag(g, "--gradient_accumulation_steps", int, default=1, help="micro-batches per optimizer step")
+    flag(g, "--learning_rate", POSITIVE_FLOAT, default=default_lr, help="peak learning rate")
+    flag(g, "--num_train_epochs", NON_NEGATIVE_FLOAT, default=3.0, help="epochs (fractions allowed)")
+    flag(g, "--max_steps", checked(int, lambda v: v == -1 or v >= 1, ">= 1, or -1 (use --num_train_epochs)"),
+         default=-1, help="optimizer steps; overrides --num_train_epochs when > 0")
+    flag(g, "--per_device_train_batch_size", POSITIVE_INT, default=8, help="samples per micro-batch per process")
+    flag(g, "--gradient_accumulation_steps", POSITIVE_INT, default=1, help="micro-batches per optimizer step")
     flag(g, "--lr_scheduler_type", default="linear", choices=SCHEDULERS, help="learning-rate schedule")
-    flag(g, "--warmup_steps", int, default=0, help="linear warm-up steps")
-    flag(g, "--warmup_ratio", float, default=0.0, help="warm-up as a fraction of all steps (if --warmup_steps is 0)")
+    flag(g, "--warmup_steps", NON_NEGATIVE_INT, default=0, help="linear warm-up steps")
+    flag(g, "--warmup_ratio", FRACTION, default=0.0, help="warm-up as a fraction of all steps (if --warmup_steps is 0)")
     flag(g, "--optim", default="adamw_torch", choices=["adamw_torch", "sgd"],
          help="adamw_torch, or sgd (plain SGD, no momentum: for checks and debugging)")
-    flag(g, "--weight_decay", float, default=0.0, help="decoupled weight decay (not on biases and norms)")
-    flag(g, "--adam_beta1", float, default=0.9, help="AdamW beta1")
-    flag(g, "--adam_beta2", float, default=0.999, help="AdamW beta2")
-    flag(g, "--adam_epsilon", float, default=1e-8, help="AdamW epsilon")
-    flag(g, "--max_grad_norm", float, default=1.0, help="clip the (projected) gradient to this norm; 0 disables")
+    flag(g, "--weight_decay", NON_NEGATIVE_FLOAT, default=0.0, help="decoupled weight decay (not on biases and norms)")
+    flag(g, "--adam_beta1", FRACTION, default=0.9, help="AdamW beta1")
+    flag(g, "--adam_beta2", FRACTION, default=0.999, help="AdamW beta2")
+    flag(g, "--adam_epsilon", POSITIVE_FLOAT, default=1e-8, help="AdamW epsilon")
+    flag(g, "--max_grad_norm", NON_NEGATIVE_FLOAT, default=1.0,
+         help="clip the (projected) gradient to this norm; 0 disables")
     flag(g, "--bf16", bool, default=False, help="bfloat16 mixed precision (float32 master weights)")
     flag(g, "--fp16", bool, default=False, help="not supported: use --bf16")
 
     g = parser.add_argument_group("saving and logging")
     flag(g, "--save_strategy", default="steps", choices=["steps", "epoch", "no"], help="when to write checkpoints")
-    flag(g, "--save_steps", int, default=500, help="checkpoint every N optimizer steps (--save_strategy steps)")
-    flag(g, "--save_total_limit", int, default=None, help="keep only the newest N checkpoints")
+    flag(g, "--save_steps", POSITIVE_INT, default=500,
+         help="checkpoint every N optimizer steps (--save_strategy steps)")
+    flag(g, "--save_total_limit", POSITIVE_INT, default=None, help="keep only the newest N checkpoints")
     flag(g, "--save_only_model", bool, default=False,
          help="checkpoints hold only the model (no optimizer, scheduler, RNG, OGPSA basis): cannot be resumed")
     flag(g, "--resume_from_checkpoint", default=None,
          help="checkpoint folder to resume from, or True for the newest in OUTPUT_DIR")
-    flag(g, "--logging_steps", int, default=10, help="log every N optimizer steps")
+    flag(g, "--logging_steps", POSITIVE_INT, default=10, help="log every N optimizer steps")
     flag(g, "--report_to", default="none", choices=["none", "tensorboard", "wandb", "all"],
          help="experiment trackers (through Accelerate)")
     flag(g, "--plot_loss", bool, default=False, help="write the loss curve as a PNG into OUTPUT_DIR")
@@ -112,17 +145,18 @@ def build_parser(description, stage, default_lr):
 
     g = parser.add_argument_group("OGPSA (orthogonal gradient projection)")
     flag(g, "--base_dataset", default=None, help="comma-separated general-capability reference sets")
-    flag(g, "--base_num_samples", int, default=200, help="reference samples per set (a smaller set is used whole)")
-    flag(g, "--base_num_steps", int, default=30, help="recompute the basis every N optimizer steps "
-                                                      "(and once before training)")
+    flag(g, "--base_num_samples", POSITIVE_INT, default=200,
+         help="reference samples per set (a smaller set is used whole)")
+    flag(g, "--base_num_steps", POSITIVE_INT, default=30, help="recompute the basis every N optimizer steps "
+                                                              "(and once before training)")
     flag(g, "--base_method", default="orthogonal_projection", choices=list(ogpsa_core.METHODS),
          help="none (plain training), orthogonal_projection (g -= U U^T g), or threshold (remove only components "
               "that conflict with a reference gradient; scale g by --base_scale where none does)")
-    flag(g, "--base_scale", float, default=1.0, help="threshold method: factor for gradients with no conflict")
-    flag(g, "--base_threshold", float, default=0.0,
+    flag(g, "--base_scale", FINITE_FLOAT, default=1.0, help="threshold method: factor for gradients with no conflict")
+    flag(g, "--base_threshold", FRACTION, default=0.0,
          help="drop basis directions whose singular value (svd) or residual norm (qr) is below this fraction of "
               "the largest; 0 keeps every numerically independent direction")
-    flag(g, "--base_directions", int, default=1,
+    flag(g, "--base_directions", POSITIVE_INT, default=1,
          help="directions per reference set: its samples are split into this many chunks, one direction each")
     flag(g, "--base_scope", default="per_param", choices=list(ogpsa_core.SCOPES),
          help="per_param: one basis per parameter tensor (reference semantics); global: one basis over all")
@@ -133,7 +167,7 @@ def build_parser(description, stage, default_lr):
          help="also project the parameter update after the optimizer step, so the step itself is orthogonal to the "
               "basis (AdamW rescales each coordinate, so a projected gradient does not give an orthogonal update); "
               "not in the paper; single process and DDP; holds a copy of the parameters")
-    flag(g, "--base_batch_size", int, default=None,
+    flag(g, "--base_batch_size", POSITIVE_INT, default=None,
          help="micro-batch size for reference gradients (default: --per_device_train_batch_size)")
     return parser
 
@@ -142,31 +176,31 @@ def check_args(args, stage):
     """Refuse flag values these scripts cannot honour, with a message that says what to do instead."""
     plain_stage = stage[:-3]
     if args.stage not in (stage, plain_stage):
-        raise SystemExit(f"--stage {args.stage} is not run by this script: it runs '{stage}' (or '{plain_stage}' "
-                         "without projection)")
+        raise UserError(f"--stage {args.stage} is not run by this script: it runs '{stage}' (or '{plain_stage}' "
+                        "without projection)")
     if args.stage == plain_stage and args.base_method != "none":
-        raise SystemExit(f"--stage {plain_stage} trains without projection: pass --base_method none, or use "
-                         f"--stage {stage}")
+        raise UserError(f"--stage {plain_stage} trains without projection: pass --base_method none, or use "
+                        f"--stage {stage}")
     if not args.do_train:
-        raise SystemExit("--do_train False: these scripts only train (evaluation is not implemented)")
+        raise UserError("--do_train False: these scripts only train (evaluation is not implemented)")
     if args.finetuning_type != "full":
-        raise SystemExit(f"--finetuning_type {args.finetuning_type} is not implemented; only 'full' is")
+        raise UserError(f"--finetuning_type {args.finetuning_type} is not implemented; only 'full' is")
     if args.fp16:
-        raise SystemExit("--fp16 is not supported (loss scaling is not implemented); use --bf16")
+        raise UserError("--fp16 is not supported (loss scaling is not implemented); use --bf16")
     if args.base_method != "none" and not args.base_dataset:
-        raise SystemExit(f"--base_method {args.base_method} needs --base_dataset (the reference sets)")
-    if args.base_num_steps < 1 or args.base_directions < 1 or args.base_num_samples < 1:
-        raise SystemExit("--base_num_steps, --base_directions and --base_num_samples must be at least 1")
+        raise UserError(f"--base_method {args.base_method} needs --base_dataset (the reference sets)")
     if args.base_scale != 1.0 and args.base_method != "threshold":
-        raise SystemExit("--base_scale only applies to --base_method threshold")
+        raise UserError("--base_scale only applies to --base_method threshold")
     if args.base_project_update and args.base_method != "orthogonal_projection":
-        raise SystemExit("--base_project_update needs --base_method orthogonal_projection")
+        raise UserError("--base_project_update needs --base_method orthogonal_projection")
     if args.report_to == "all":
         args.report_to = "tensorboard,wandb"
     if args.max_steps <= 0 and args.num_train_epochs <= 0:
-        raise SystemExit("set --num_train_epochs or --max_steps to a positive value")
+        raise UserError("set --num_train_epochs or --max_steps to a positive value")
     args.base_batch_size = args.base_batch_size or args.per_device_train_batch_size
     args.resume_from_checkpoint = resolve_resume(args)
+    if args.resume_from_checkpoint:
+        check_resume_flags(args, args.resume_from_checkpoint)
     return args
 
 
@@ -184,6 +218,9 @@ def make_accelerator(args):
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "false"
     plugin = DeepSpeedPlugin(hf_ds_config=config, zero3_init_flag=stage == 3) if config and stage else None
     use_deepspeed = plugin is not None or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if use_deepspeed:
+        quiet_deepspeed_deprecations()
+        announce_deepspeed_builds(config)
     if use_deepspeed and "LOCAL_RANK" not in os.environ:  # `python script.py --deepspeed ...`: one process
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
@@ -216,12 +253,38 @@ def deepspeed_file_config(args):
     if path is None:
         return None, None
     if not Path(path).is_file():
-        raise SystemExit(f"--deepspeed {path}: no such file")
+        raise UserError(f"--deepspeed {path}: no such file")
     try:
         config = json.loads(Path(path).read_text())
     except json.JSONDecodeError as err:
-        raise SystemExit(f"DeepSpeed config {path}: not valid JSON ({err})") from None
+        raise UserError(f"DeepSpeed config {path}: not valid JSON ({err})") from None
     return config, config.get("zero_optimization", {}).get("stage", 0)
+
+
+def quiet_deepspeed_deprecations():
+    """DeepSpeed's ZeRO-3 calls torch.distributed's reduce_scatter_tensor and all_gather_into_tensor, which torch
+    2.13 deprecates with a FutureWarning on every call (about 2000 in 3 steps of the tiny model); hide exactly
+    those two."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` "
+                                              r"is deprecated", category=FutureWarning)
+
+
+def announce_deepspeed_builds(config):
+    """Say so before DeepSpeed compiles an op on first use (about a minute, silent): its shared-memory
+    communication op on machines without a GPU, its CPU Adam under optimizer offload. Main process only."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    from deepspeed.git_version_info import installed_ops  # ops compiled when DeepSpeed was installed
+    from torch.utils.cpp_extension import _get_build_directory
+
+    offload = (config or {}).get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu" or \
+        os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE") == "cpu"
+    ops = (["deepspeed_shm_comm"] if not torch.cuda.is_available() else []) + (["cpu_adam"] if offload else [])
+    for op in ops:
+        if not installed_ops.get(op) and not Path(_get_build_directory(op, verbose=False), f"{op}.so").is_file():
+            print(f"building DeepSpeed's {op} op once (about a minute; cached for later runs)", flush=True)
 
 
 def free_port():
@@ -230,12 +293,39 @@ def free_port():
         return probe.getsockname()[1]
 
 
+def check_model_path(path):
+    """Refuse a local folder without a model, and say plainly when a path is neither a folder nor a hub id."""
+    folder = Path(path)
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            raise UserError(f"model {path}: the folder has no config.json; is it a model folder?")
+        if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+            raise UserError(f"model {path}: the folder has a config.json but no weights (*.safetensors or "
+                            "*.bin); was the model saved completely?")
+    elif folder.exists():
+        raise UserError(f"model {path}: a file, not a model folder")
+    elif str(path).startswith((".", "/", "~")) or str(path).count("/") > 1:  # not a hub id either
+        raise UserError(f"model {path}: no such folder")
+
+
+def from_pretrained(load, path, what, **kwargs):
+    """`load(path)` (a transformers from_pretrained), with a missing or unreachable model as a UserError."""
+    check_model_path(path)
+    try:
+        return load(path, **kwargs)
+    except (OSError, ValueError) as err:  # not on the hub, no network, not a valid hub id
+        if Path(path).is_dir():
+            raise
+        raise UserError(f"cannot load the {what} {path}: no such local folder, and not loadable from the hub "
+                        f"({first_line(err)})") from None
+
+
 def load_model(path, args):
     from transformers import AutoModelForCausalLM
 
     attention = {"auto": None, "disabled": "eager", "sdpa": "sdpa", "fa2": "flash_attention_2"}[args.flash_attn]
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attention,
-                                                 trust_remote_code=args.trust_remote_code)
+    model = from_pretrained(AutoModelForCausalLM.from_pretrained, path, "model", dtype=torch.float32,
+                            attn_implementation=attention, trust_remote_code=args.trust_remote_code)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -245,8 +335,12 @@ def load_model(path, args):
 def load_tokenizer(path, args):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
-    apply_template(tokenizer, args.template)
+    tokenizer = from_pretrained(AutoTokenizer.from_pretrained, path, "tokenizer",
+                                trust_remote_code=args.trust_remote_code)
+    try:
+        apply_template(tokenizer, args.template)
+    except ValueError as err:  # an unknown --template, or a tokenizer without a chat template
+        raise UserError(str(err)) from None
     return tokenizer
 
 
@@ -338,16 +432,26 @@ class MetricLog:
     kept on the device and reduced over ranks once per interval; `count(name, value)` adds to a running total over
     the whole run (e.g. tokens seen); `flush(step, scalars)` logs both with any scalars the loop passes. Records
     go to OUTPUT_DIR/trainer_log.jsonl (which a fresh run starts anew and a resumed run cuts back to its step), to
-    the console (through tqdm) and to Accelerate's trackers; `finish` plots every logged metric.
+    the console (through tqdm) and to Accelerate's trackers; `finish` plots every logged metric. `add_step_loss`
+    sums each step's loss for train_results.json's train_loss (the mean over all steps, as Hugging Face's Trainer
+    reports it). `state()` goes into checkpoints, so a resumed run logs and sums exactly what an uninterrupted one
+    would.
     """
 
     NOT_PLOTTED = ("step", "epoch", "elapsed_s", "refresh_s", "basis_rank")
 
-    def __init__(self, accelerator, args, total_steps, start_step, totals=None):
+    def __init__(self, accelerator, args, total_steps, start_step, state=None):
+        """`state`: a checkpoint's extra state (with the `state()` of the run that wrote it), or None."""
         from tqdm.auto import tqdm
 
         self.accelerator, self.args = accelerator, args
-        self.sums, self.totals = {}, dict(totals or {})
+        state = state or {}
+        device = accelerator.device  # checkpoints load onto the CPU; the loop adds device tensors
+        self.sums = {name: (torch.as_tensor(total, dtype=torch.float64, device=device), count)
+                     for name, (total, count) in state.get("metric_sums", {}).items()}
+        self.totals = {name: torch.as_tensor(total, dtype=torch.float64, device=device)
+                       for name, total in state.get("metric_totals", {}).items()}
+        self.loss_sum = state.get("train_loss_sum", 0.0)
         self.path = Path(args.output_dir, "trainer_log.jsonl")
         if accelerator.is_main_process:
             kept = [line for line in (self.path.read_text().splitlines() if self.path.exists() else [])
@@ -361,6 +465,14 @@ class MetricLog:
         """Add a local sum over `count` units to the current interval's mean of `name` (no device sync)."""
         old_total, old_count = self.sums.get(name, (0.0, 0))
         self.sums[name] = (old_total + total.detach().double(), old_count + count)
+
+    def add_step_loss(self, loss):
+        """Add a step's loss (a float, the same on every rank) to the run's sum."""
+        self.loss_sum += loss
+
+    def state(self):
+        """What a checkpoint keeps (this rank's): the open interval's sums, the running totals, the loss sum."""
+        return {"metric_sums": self.sums, "metric_totals": self.totals, "train_loss_sum": self.loss_sum}
 
     def count(self, name, value):
         """Add to the running total `name` (this rank's share; summed over ranks when logged)."""
@@ -393,18 +505,20 @@ class MetricLog:
         self.accelerator.log(record, step=step)
         return record
 
-    def finish(self, step, summary_keys=()):
-        """Close the bar; write the plot (--plot_loss) and train_results.json: the step, the last interval's loss,
-        the runtime, and the first and last logged value of each of `summary_keys`."""
+    def finish(self, step, summary_keys=(), log_scale=()):
+        """Close the bar; write the plot (--plot_loss; `log_scale`: keys plotted on a log scale) and
+        train_results.json: the step, the mean loss over all steps, the runtime, and the first and last logged value
+        of each of `summary_keys`."""
         self.bar.close()
         if not self.accelerator.is_main_process:
             return
         records = [json.loads(line) for line in self.path.read_text().splitlines()]
         if self.args.plot_loss and records:
             keys = sorted((k for k in records[-1] if k not in self.NOT_PLOTTED), key=lambda k: k != "loss")
-            self.accelerator.print(f"loss curve: {plot_curves(self.args.output_dir, keys)}")
+            self.accelerator.print(f"loss curve: {plot_curves(self.args.output_dir, keys, log_scale)}")
         first, last = (records[0], records[-1]) if records else ({}, {})
-        summary = {"global_step": step, "train_loss": last.get("loss"), "train_runtime_s": last.get("elapsed_s")}
+        summary = {"global_step": step, "train_loss": self.loss_sum / step if step else None,
+                   "train_runtime_s": last.get("elapsed_s")}
         for key in summary_keys:
             summary[f"first_{key}"], summary[f"last_{key}"] = first.get(key), last.get(key)
         write_json(Path(self.args.output_dir, "train_results.json"), summary)
@@ -432,8 +546,9 @@ def end_run(accelerator):
         torch.distributed.destroy_process_group()
 
 
-def plot_curves(output_dir, keys):
-    """PNG of the logged curves (one panel per key) from trainer_log.jsonl."""
+def plot_curves(output_dir, keys, log_scale=()):
+    """PNG of the logged curves (one panel per key; the keys in `log_scale` on a log scale) from
+    trainer_log.jsonl."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -449,7 +564,9 @@ def plot_curves(output_dir, keys):
         points = [(r["step"], r[key]) for r in records if key in r]
         axis.plot(*zip(*points), marker=".")
         axis.set_xlabel("optimizer step")
-        axis.set_ylabel(key)
+        axis.set_ylabel(key + (" (log scale)" if key in log_scale else ""))
+        if key in log_scale and all(v > 0 for _, v in points):
+            axis.set_yscale("log")
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
     for axis in list(axes.flat)[len(keys):]:

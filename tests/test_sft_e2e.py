@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from helpers import (WEIGHTS_RTOL, load_weights, read_log, reference_projection, relative_error, run_script,
                      weights_relative_difference)
+from run_guard import UserError
 from train_utils import build_parser, check_args
 
 SAFETY = "demo_safety_sft"
@@ -160,7 +161,7 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint_usable(tiny_model, t
 
 def test_a_new_run_refuses_to_overwrite_checkpoints(tiny_model, tmp_path):
     (tmp_path / "checkpoint-3").mkdir()
-    with pytest.raises(SystemExit, match="already holds checkpoints"):
+    with pytest.raises(UserError, match="already holds checkpoints"):
         check_args(build_parser("", "sft_pg", 1e-5).parse_args(sft_args(tiny_model, tmp_path)), "sft_pg")
 
 
@@ -176,5 +177,5 @@ def test_a_new_run_refuses_to_overwrite_checkpoints(tiny_model, tmp_path):
 ])
 def test_flags_that_make_no_sense_are_refused(tiny_model, tmp_path, flags, message):
     args = build_parser("", "sft_pg", 1e-5).parse_args(sft_args(tiny_model, tmp_path) + flags)
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(UserError, match=message):
         check_args(args, "sft_pg")

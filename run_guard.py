@@ -1,0 +1,141 @@
+"""What keeps a run from going silently wrong or losing work: one-line errors for users' mistakes, one run per
+output folder, and a per-step decision to stop (SIGTERM, or a non-finite loss or gradient norm) that every rank
+takes together.
+"""
+
+import math
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+USER_ERROR_EXIT = 2  # a mistake in the flags, the data, the files or the environment: `error: <message>`
+PREEMPTED_EXIT = 128 + signal.SIGTERM  # 143, what a shell reports for a process ended by SIGTERM
+LOCK_FILE = "run.lock"
+
+
+class UserError(Exception):
+    """A mistake the user can fix (a flag, a file, the data): the scripts print `error: <message>` and exit 2,
+    without a traceback. Anything else is a bug and keeps its traceback."""
+
+
+def run_main(main):
+    """Run a script's main(); user errors become one line on stderr and exit code 2.
+
+    Besides UserError: data_utils.DataError (bad dataset input) and SystemExit with a message (the refusals in
+    backends.py and elsewhere that predate UserError). argparse errors become UserErrors in make_parser.
+    """
+    from data_utils import DataError
+
+    try:
+        main()
+    except (UserError, DataError) as err:
+        sys.exit(user_error(err))
+    except SystemExit as err:
+        if isinstance(err.code, str):
+            sys.exit(user_error(err.code))
+        raise
+
+
+def user_error(message):
+    sys.stdout.flush()
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    return USER_ERROR_EXIT
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One run per output folder
+# ---------------------------------------------------------------------------------------------------------------
+
+_held_locks = []  # open lock files: the lock lasts as long as the process (the OS drops it on any exit)
+
+
+def hold_output_dir(output_dir):
+    """Take OUTPUT_DIR/run.lock for this process's lifetime, or stop with the other run's host, pid, start time.
+
+    An flock dies with the process that holds it, however it ends (even kill -9), so a lock is never stale. Only
+    the main process (global rank 0) takes it; the others run under its launcher.
+    """
+    import fcntl
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    path = Path(output_dir, LOCK_FILE)
+    try:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise UserError(f"--output_dir {output_dir}: cannot write there ({err})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "a process that has not written its name"
+        os.close(fd)
+        raise UserError(f"{output_dir} is in use by another run ({holder}); wait for it to end, or choose another "
+                        "--output_dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"host {socket.gethostname()}, pid {os.getpid()}, started "
+                  f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n".encode(), 0)
+    _held_locks.append(fd)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stopping: SIGTERM and non-finite values
+# ---------------------------------------------------------------------------------------------------------------
+
+class StepGuard:
+    """Decides after every optimizer step whether the run stops, the same way on every rank.
+
+    SIGTERM (what a cluster scheduler sends before it kills a job) only sets a flag; `check` sums the flags of all
+    ranks, so when the launcher signals every rank, or only some, all stop after the same step and write one
+    checkpoint together. A non-finite loss or gradient norm stops the run before anything from that step is saved.
+    The gradient norm is global (clipping takes it over all ranks) and the loss is reduced here, so every rank
+    sees the same values. One small all-reduce per step (none with one process).
+    """
+
+    def __init__(self, accelerator, args):
+        self.accelerator, self.args = accelerator, args
+        self.signalled, self.preempted = False, False
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame):
+        self.signalled = True
+
+    def check(self, step, loss_share, grad_norm):
+        """After optimizer step `step` (counted from 1): returns the step's loss (summed over ranks from each rank's
+        `loss_share`); sets `preempted` if any rank got SIGTERM; raises UserError on a non-finite loss or norm."""
+        device = self.accelerator.device
+        values = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(())
+                              for v in (float(self.signalled), loss_share, grad_norm)])
+        world = self.accelerator.num_processes
+        if world > 1:
+            values = self.accelerator.reduce(values, reduction="sum")
+        signalled, loss, grad_norm = values.tolist()
+        grad_norm /= world  # the same on every rank
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            from checkpoint import checkpoints
+
+            found = checkpoints(self.args.output_dir)
+            raise UserError(
+                f"non-finite training at step {step}: loss {loss}, gradient norm {grad_norm}; stopped without saving "
+                f"this step ({'the last checkpoint is ' + str(found[-1]) if found else 'no checkpoint was written'}). "
+                f"Usual causes: a learning rate too high (--learning_rate {self.args.learning_rate:g}), bf16 "
+                "overflow (try without --bf16), or bad data (extreme or empty samples)")
+        self.preempted = signalled > 0
+        return loss
+
+    def exit_preempted(self, step):
+        """After the checkpoint of `step` is written: say how to resume and exit with PREEMPTED_EXIT (143)."""
+        folder = Path(self.args.output_dir, f"checkpoint-{step}")
+        self.accelerator.print(f"stopped by SIGTERM after step {step}; saved {folder}. Resume with the same command "
+                               f"and --resume_from_checkpoint True (or {folder})")
+        sys.exit(PREEMPTED_EXIT)
+
+
+def first_line(err):
+    """The first line of an exception's message, for errors wrapped into a UserError."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
