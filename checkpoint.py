@@ -26,6 +26,7 @@ RESUME_MAY_CHANGE = {
     "trust_remote_code", "gradient_checkpointing",  # recomputing activations gives the same values
     "save_strategy", "save_steps", "save_total_limit", "save_only_model", "logging_steps", "report_to", "plot_loss",
     "include_num_input_tokens_seen",
+    "strict_data",  # stops on the rows it would otherwise drop: a run that gets past loading uses the same rows
     "base_batch_size",  # micro-batches of the reference gradients: the same sums, grouped otherwise (its default
     # follows --per_device_train_batch_size, whose split of the global batch may change too)
 }

@@ -612,7 +612,25 @@ class UpdateProjector:
         self.masters = projector.grad_slice.masters()
         like = self.masters[0][1] if self.masters else projector.grad_slice.flat
         self.before = torch.empty(projector.grad_slice.numel, dtype=like.dtype, device=like.device)
+        self.master_padding = self._master_padding()
         self.diagnostics, self.stats, self.pending = False, None, False
+
+    def _master_padding(self):
+        """(master index, start, end) of each master entry outside every segment. ZeRO leaves such padding
+        uninitialised; its change must be zero before the projection, or a NaN there (0 x NaN in the global
+        coefficient) would poison every entry."""
+        segments = sorted(self.projector.grad_slice.segments, key=lambda s: s.start)
+        gaps, covered = [], 0
+        for segment in segments + [Segment(-1, self.projector.grad_slice.numel, 0)]:
+            if segment.start > covered:
+                gaps.append((covered, segment.start))
+            covered = max(covered, segment.start + segment.length)
+        padding = []
+        for index, (start, master) in enumerate(self.masters):
+            end = start + master.numel()
+            padding += [(index, max(lo, start) - start, min(hi, end) - start) for lo, hi in gaps
+                        if lo < end and hi > start]
+        return padding
 
     @torch.no_grad()
     def snapshot(self, diagnostics=False):
@@ -632,6 +650,8 @@ class UpdateProjector:
         if self.masters:
             changes = [(start, master.view(-1).sub_(self.before[start:start + master.numel()]))
                        for start, master in self.masters]
+            for index, lo, hi in self.master_padding:
+                changes[index][1][lo:hi].zero_()
             self.stats = self.projector.project_(self.diagnostics, target=changes)
             for start, change in changes:
                 change.add_(self.before[start:start + change.numel()])

@@ -207,3 +207,42 @@ def test_chunked_casts_give_the_same_projection(monkeypatch, scope):
         results.append(grad_slice.flat)
     # Same products, only the casts split differently: float32 rounding of the gathered sums at most.
     assert relative_error(results[0], results[1]) < TOL
+
+
+class MasterSlice(FlatSlice):
+    """A slice whose optimizer keeps separate float32 masters (ZeRO), here one tensor whose last entries are
+    padding past every segment, as on ZeRO-3's last rank."""
+
+    def __init__(self, grad, lengths, master):
+        super().__init__(grad, lengths)
+        self.master = master
+
+    def masters(self):
+        return [(0, self.master)]
+
+
+@pytest.mark.parametrize("scope", ["per_param", "global"])
+def test_update_projection_of_master_partitions_ignores_uninitialised_padding(scope):
+    """ZeRO leaves partition padding unset: a NaN there must not reach the projected step (in the global scope
+    0 x NaN in the coefficient would make every entry NaN). The change of the segments equals its float64
+    projection within float32_rtol of the 12-entry sums, amplified by ||step|| / ||projected step||."""
+    torch.manual_seed(0)
+    lengths, padding = [5, 7], 3
+    numel = sum(lengths) + padding
+    directions = torch.randn(2, numel)
+    directions[:, -padding:] = 0  # directions are zero on padding, as read from a gradient
+    master = torch.randn(numel)
+    master[-padding:] = float("nan")
+    projector = ogpsa_core.Projector(MasterSlice(torch.zeros(numel), lengths, master), scope=scope)
+    projector.set_directions_(directions.clone(), step=0)
+    update = ogpsa_core.UpdateProjector(projector, params=None)
+    update.snapshot()
+    before = master.clone()
+    step = torch.randn(numel)
+    master.add_(step)  # the optimizer's step
+    update.project_()
+    change = (master[:-padding] - before[:-padding]).double()
+    expected = reference_projection(step[:-padding], directions[:, :-padding], lengths, scope)
+    assert torch.isfinite(change).all()
+    amplification = (step[:-padding].norm() / expected.norm()).item()
+    assert relative_error(change, expected) <= float32_rtol(sum(lengths), amplification)
