@@ -220,8 +220,7 @@ def one_step_args(scope, **overrides):
     return dict(base_scope=scope, max_steps=1, learning_rate=1e-3, weight_decay=0.01, **overrides)
 
 
-@pytest.mark.parametrize("backend", ["zero2", "zero3"])
-@pytest.mark.parametrize("scope", ["per_param", "global"])
+@pytest.mark.parametrize("backend, scope", [("zero2", "per_param"), ("zero3", "global")])  # each stage and scope once
 def test_update_projection_under_zero_removes_the_basis_component(tiny_model, tmp_path, one_step_basis, backend,
                                                                   scope):
     """One AdamW step under ZeRO equals the same backend's step from the projected gradient minus its basis
