@@ -94,13 +94,13 @@ class Backend:
     """
 
     partition_settings = {}  # DeepSpeed zero_optimization keys the config moves from their defaults
+    update_projector = None  # set by project_steps (--base_project_update)
 
     def __init__(self, accelerator, model, optimizer):
         self.accelerator, self.model, self.optimizer = accelerator, model, optimizer
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.grad_slice = ogpsa_core.ReplicatedGradSlice(self.params)
         self.scheduled_optimizer = optimizer
-        self.update_projector = None
 
     def project_steps(self, update_projector):
         """Project every optimizer step's change of the parameters (--base_project_update), right after the
@@ -187,7 +187,6 @@ class DeepSpeedBackend(Backend):
         self.scheduled_optimizer = self.zero.optimizer  # the torch optimizer ZeRO steps: the schedule sets its lr
         self.params = [p for p in engine.module.parameters() if p.requires_grad]
         self.grad_slice = grad_slice_class(self.zero, self.params)
-        self.update_projector = None
         self.masters = [master for _, master in self.grad_slice.masters()]
         zero_config = accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"]
         self.partition_settings = {k: v for k, v in zero_config.items()
