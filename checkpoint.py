@@ -22,6 +22,7 @@ from run_guard import UserError
 # Resume rules. A resumed run must compute what the uninterrupted run would have: every flag that changes the result
 # must equal the checkpoint's. Flags that only decide what is logged or saved, and where, may change.
 RESUME_MAY_CHANGE = {
+    "export_merged",  # what is written at the end
     "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "ddp_timeout", "preprocessing_num_workers",
     "trust_remote_code", "gradient_checkpointing",  # recomputing activations gives the same values
     "save_strategy", "save_steps", "save_total_limit", "save_only_model", "logging_steps", "report_to", "plot_loss",
@@ -40,6 +41,7 @@ RESUME_OGPSA = {
 RESUME_MUST_MATCH = RESUME_OGPSA | {
     "stage", "do_train", "seed", "deepspeed",  # run
     "model_name_or_path", "finetuning_type", "template", "flash_attn",  # model
+    "lora_rank", "lora_alpha", "lora_dropout", "lora_target", "use_rslora", "adapter_name_or_path",  # LoRA
     "dataset_dir", "dataset", "cutoff_len", "max_samples",  # data
     "learning_rate", "num_train_epochs", "max_steps", "lr_scheduler_type", "warmup_steps", "warmup_ratio", "optim",
     "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "bf16", "fp16",  # optimisation
@@ -320,14 +322,46 @@ class Checkpointer:
                 os.replace(path, Path(args.output_dir, path.name))
             staging.rmdir()
         accelerator.wait_for_everyone()
+        if args.export_merged:
+            self.export_merged()
 
     def _save_model(self, folder):
-        """Model (safetensors; gathered from every rank under ZeRO-3) and tokenizer into `folder`."""
+        """Model (safetensors; gathered from every rank under ZeRO-3) and tokenizer into `folder`; with LoRA the
+        adapter only, in PEFT's format (adapter_model.safetensors, adapter_config.json)."""
         state_dict = self.accelerator.get_state_dict(self.model)
+        lora = {"save_embedding_layers": False} if self.args.finetuning_type == "lora" else {}  # no hub lookup
         if self.accelerator.is_main_process:
             self.accelerator.unwrap_model(self.model).save_pretrained(folder, state_dict=state_dict,
-                                                                      safe_serialization=True)
+                                                                      safe_serialization=True, **lora)
             self.tokenizer.save_pretrained(folder)
+
+    def export_merged(self):
+        """OUTPUT_DIR/merged: the final adapter merged into a float32 copy of the base model, plus the tokenizer,
+        built on the main process's CPU from the saved adapter and moved into place whole."""
+        args, accelerator = self.args, self.accelerator
+        if accelerator.is_main_process:
+            from peft import PeftModel
+            from transformers import AutoModelForCausalLM
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()  # training is over: load whole on the CPU, not partitioned as under ZeRO-3
+            staging, final = Path(args.output_dir, ".partial-merged"), Path(args.output_dir, "merged")
+            try:
+                shutil.rmtree(staging, ignore_errors=True)
+                base = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=torch.float32,
+                                                            trust_remote_code=args.trust_remote_code)
+                merged = PeftModel.from_pretrained(base, args.output_dir).merge_and_unload()
+                merged.save_pretrained(staging, safe_serialization=True)
+                self.tokenizer.save_pretrained(staging)
+                _fsync_tree(staging)
+            except (OSError, SafetensorError) as err:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise UserError(f"writing the merged model into {final} failed ({type(err).__name__}: {err}); the "
+                                "adapter in the output folder is complete") from None
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(staging, final)
+            accelerator.print(f"merged model: {final}")
+        accelerator.wait_for_everyone()
 
 
 def _fsync_tree(folder):

@@ -317,6 +317,7 @@ class Projector:
         self.basis_kind, self.threshold, self.scale, self.dtype = basis, threshold, scale, dtype
         self.basis = None  # (K, n) this rank's columns of U^T
         self.rank_per_unit = None  # (units,) directions kept per unit
+        self.params_without_direction = []  # parameters whose reference gradient was zero at the last refresh
         self.refreshed_at = -1  # optimizer step at which the basis was computed
         self._batch_cache = {}
 
@@ -421,6 +422,7 @@ class Projector:
         (the second pass restores orthogonality lost to float32 rounding when forming U = C D).
         """
         self.basis = None  # free the old basis before the new one is formed
+        self.params_without_direction = self._params_without_direction(directions)
         gram = self._gram(directions)
         norms = gram.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt()
         inverse_norm = torch.where(norms > 0, 1.0 / norms.clamp_min(1e-300), 0.0)
@@ -432,6 +434,16 @@ class Projector:
         self.rank_per_unit = (coeff.abs().sum(-1) > 0).sum(-1)
         self.basis = directions.to(self.dtype)
         self.refreshed_at = step
+
+    def _params_without_direction(self, directions):
+        """Indices of the parameters whose reference gradient is zero in every direction (on all ranks): the
+        basis has nothing for them, so the projection leaves their gradient as it is (LoRA: every A matrix until
+        its B has moved from zero)."""
+        largest = torch.zeros(self.grad_slice.num_params, dtype=torch.float32, device=directions.device)
+        for s in self.grad_slice.segments:
+            piece = directions[:, s.start:s.start + s.length]
+            largest[s.param_index] = largest[s.param_index].maximum(piece.abs().max())
+        return (self.grad_slice.reduce_(largest) == 0).nonzero().flatten().tolist()
 
     def _unit_ranges(self):
         """(unit, start, length) runs of the local slice: one per segment (per_param), or all of it (global)."""

@@ -31,10 +31,11 @@ from checkpoint import Checkpointer, is_save_step, prepare_output_dir, write_jso
 from data_utils import DataError, StepSampler, collate_pairs, collate_sft, is_ranking, load_tokenized
 from ogpsa_core import ReferenceGradients, ReferenceSet
 from run_guard import StepGuard, UserError, hold_output_dir, run_main
-from train_utils import (NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, MetricLog, build_optimizer, build_parser,
-                         build_scheduler, check_args, checked, end_run, flag, load_model, load_tokenizer,
+from train_utils import (NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, AdapterDisabled, MetricLog, build_optimizer, build_parser,
+                         build_scheduler, check_args, checked, end_run, flag, load_model, load_policy, load_tokenizer,
                          make_accelerator, make_projector, make_update_projector, projection_scalars,
-                         response_nll_sum, response_positions, to_device, token_logps, total_optimizer_steps)
+                         report_params_without_direction, response_nll_sum, response_positions, to_device,
+                         token_logps, total_optimizer_steps)
 
 
 LOSSES = ("sigmoid", "ipo", "hinge")
@@ -111,7 +112,8 @@ def add_dpo_flags(parser):
          help="sigmoid loss: label smoothing (conservative DPO)")
     flag(g, "--pref_ftx", NON_NEGATIVE_FLOAT, default=0.0,
          help="weight of an added SFT loss (mean-token NLL of the chosen)")
-    flag(g, "--ref_model", default=None, help="reference model (default: a frozen copy of the initial policy)")
+    flag(g, "--ref_model", default=None, help="reference model (default: a frozen copy of the initial policy; LoRA: "
+                                            "the policy with its adapter disabled, i.e. the base model)")
     flag(g, "--precompute_ref_log_probs", bool, default=False,
          help="compute reference log-probabilities once before training, so no reference model is held")
     flag(g, "--base_loss", default="pairs_nll", choices=["pairs_nll", "sft", "dpo"],
@@ -168,7 +170,7 @@ def main():
                 reference_pairs[name] = ref
 
     # ---- policy, reference model, optimizer, schedule, projection ---------------------------------------------
-    model = load_model(start_from, args)
+    model = load_policy(args)  # full: every weight trains; lora: adapters on the frozen model
     optimizer = build_optimizer(model, args)
     model, optimizer = accelerator.prepare(model, optimizer)
     backend = make_backend(accelerator, model, optimizer)
@@ -188,7 +190,11 @@ def main():
     if "ref_logps" in extra:  # precomputed before the interruption: nothing to reload
         ref_table = {name: extra[f"ref_logps/{name}"] for name in ["train", *reference_pairs]}
     else:  # the initial policy (--model_name_or_path, also when resuming), unless --ref_model names another
-        ref_model = prepare_reference_model(accelerator, load_model(args.ref_model or args.model_name_or_path, args))
+        if args.finetuning_type == "lora" and not args.ref_model:  # the base model: the policy, adapter off
+            ref_model = AdapterDisabled(model, accelerator)
+        else:
+            ref_model = prepare_reference_model(accelerator, load_model(args.ref_model or args.model_name_or_path,
+                                                                        args))
         if args.precompute_ref_log_probs:
             for name, pairs in [("train", examples), *reference_pairs.items()]:
                 ref_table[name] = reference_logps(ref_model, pairs, pad, args.per_device_train_batch_size, average,
@@ -231,6 +237,7 @@ def main():
         # ---- refresh the reference basis --------------------------------------------------------------------
         if projector is not None and step % args.base_num_steps == 0 and projector.refreshed_at != step:
             refresh_seconds = references.refresh(projector, backend, model, step, device)
+            report_params_without_direction(projector, model, accelerator, step)
 
         # ---- forward and backward: the loss is the mean over the pairs of the global batch --------------------
         micro_batches = sampler.micro_batches(step)

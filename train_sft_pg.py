@@ -29,9 +29,10 @@ from checkpoint import Checkpointer, is_save_step, prepare_output_dir, write_jso
 from data_utils import StepSampler, collate_sft, load_tokenized
 from ogpsa_core import ReferenceGradients, ReferenceSet
 from run_guard import StepGuard, hold_output_dir, run_main
-from train_utils import (MetricLog, build_optimizer, build_parser, build_scheduler, check_args, end_run, load_model,
+from train_utils import (MetricLog, build_optimizer, build_parser, build_scheduler, check_args, end_run, load_policy,
                          load_tokenizer, make_accelerator, make_projector, make_update_projector, projection_scalars,
-                         response_nll_sum, to_device, token_logps, total_optimizer_steps)
+                         report_params_without_direction, response_nll_sum, to_device, token_logps,
+                         total_optimizer_steps)
 
 
 def main():
@@ -62,7 +63,7 @@ def main():
     references = ReferenceGradients(reference_sets, args.base_num_samples, args.base_directions, args.base_batch_size)
 
     # ---- model, optimizer, schedule, projection ---------------------------------------------------------------
-    model = load_model(start_from, args)
+    model = load_policy(args)  # full: every weight trains; lora: adapters on the frozen model
     optimizer = build_optimizer(model, args)
     model, optimizer = accelerator.prepare(model, optimizer)
     backend = make_backend(accelerator, model, optimizer)
@@ -93,6 +94,7 @@ def main():
         # ---- refresh the reference basis --------------------------------------------------------------------
         if projector is not None and step % args.base_num_steps == 0 and projector.refreshed_at != step:
             refresh_seconds = references.refresh(projector, backend, model, step, device)
+            report_params_without_direction(projector, model, accelerator, step)
 
         # ---- forward and backward: the loss is the mean over every response token of the global batch ---------
         step_targets = max(1, sum(examples[i]["num_targets"] for i in sampler.step_indices(step)))  # 0: all cut away

@@ -87,13 +87,29 @@ def build_parser(description, stage, default_lr):
 
     g = parser.add_argument_group("model")
     flag(g, "--model_name_or_path", required=True, help="hub id or local folder of a causal LM")
-    flag(g, "--finetuning_type", default="full", help="only 'full' is implemented")
+    flag(g, "--finetuning_type", default="full", choices=["full", "lora"],
+         help="full: train every weight; lora: train LoRA adapters (peft) on the frozen model")
     flag(g, "--template", default=None, help=f"chat template for tokenizers without one ({', '.join(TEMPLATES)}); "
                                              "overrides the tokenizer's own")
     flag(g, "--flash_attn", default="auto", choices=["auto", "disabled", "sdpa", "fa2"],
          help="attention kernel: auto (transformers' default), disabled (eager), sdpa, fa2 (flash_attention_2)")
     flag(g, "--trust_remote_code", bool, default=False, help="allow model/tokenizer code from the hub")
     flag(g, "--gradient_checkpointing", bool, default=False, help="recompute activations in backward to save memory")
+
+    g = parser.add_argument_group("LoRA (--finetuning_type lora), as LLaMA-Factory names them")
+    flag(g, "--lora_rank", POSITIVE_INT, default=None, help="rank of the adapters (default 8)")
+    flag(g, "--lora_alpha", POSITIVE_FLOAT, default=None, help="scale numerator: the update is alpha / rank x B A "
+                                                               "(default twice the rank)")
+    flag(g, "--lora_dropout", FRACTION, default=None, help="dropout on the adapters' input (default 0)")
+    flag(g, "--lora_target", default=None, help="all (default: every linear layer except the output head), or "
+                                                "comma-separated module names, e.g. q_proj,v_proj")
+    flag(g, "--use_rslora", bool, default=None, help="rank-stabilised scale alpha / sqrt(rank) (default False)")
+    flag(g, "--adapter_name_or_path", default=None,
+         help="train on from this adapter (a PEFT folder, e.g. an earlier run's OUTPUT_DIR); its own rank, alpha, "
+              "dropout and targets are used")
+    flag(g, "--export_merged", bool, default=False,
+         help="also write the adapter merged into the model, a plain model loadable with from_pretrained, "
+              "to OUTPUT_DIR/merged")
 
     g = parser.add_argument_group("data")
     flag(g, "--dataset_dir", default="data", help="folder with dataset_info.json and the data files")
@@ -166,7 +182,7 @@ def build_parser(description, stage, default_lr):
     flag(g, "--base_project_update", bool, default=False,
          help="also project the parameter update after the optimizer step, so the step itself is orthogonal to the "
               "basis (AdamW rescales each coordinate, so a projected gradient does not give an orthogonal update); "
-              "not in the paper; single process and DDP; holds a copy of the parameters")
+              "not in the paper; holds a copy of the (trainable) parameters this rank updates")
     flag(g, "--base_batch_size", POSITIVE_INT, default=None,
          help="micro-batch size for reference gradients (default: --per_device_train_batch_size)")
     return parser
@@ -183,8 +199,7 @@ def check_args(args, stage):
                         f"--stage {stage}")
     if not args.do_train:
         raise UserError("--do_train False: these scripts only train (evaluation is not implemented)")
-    if args.finetuning_type != "full":
-        raise UserError(f"--finetuning_type {args.finetuning_type} is not implemented; only 'full' is")
+    resolve_lora_flags(args)
     if args.fp16:
         raise UserError("--fp16 is not supported (loss scaling is not implemented); use --bf16")
     if args.base_method != "none" and not args.base_dataset:
@@ -202,6 +217,50 @@ def check_args(args, stage):
     if args.resume_from_checkpoint:
         check_resume_flags(args, args.resume_from_checkpoint)
     return args
+
+
+LORA_DEFAULTS = {"lora_rank": 8, "lora_dropout": 0.0, "lora_target": "all", "use_rslora": False}  # LLaMA-Factory's
+
+
+def resolve_lora_flags(args):
+    """Fill in the LoRA flags: LLaMA-Factory's defaults (alpha: twice the rank), or with --adapter_name_or_path the
+    adapter's own values, refusing a flag that contradicts them; refuse LoRA flags without --finetuning_type lora."""
+    lora_flags = [*LORA_DEFAULTS, "lora_alpha", "adapter_name_or_path", "export_merged"]
+    given = [name for name in lora_flags if getattr(args, name) not in (None, False)]
+    if args.finetuning_type != "lora":
+        if given:
+            raise UserError(f"--{given[0]} applies to LoRA: add --finetuning_type lora, or drop it")
+        return
+    if not args.adapter_name_or_path:
+        for name, default in LORA_DEFAULTS.items():
+            setattr(args, name, default if getattr(args, name) is None else getattr(args, name))
+        args.lora_alpha = args.lora_alpha or 2.0 * args.lora_rank
+        return
+    if "," in args.adapter_name_or_path:
+        raise UserError(f"--adapter_name_or_path {args.adapter_name_or_path}: one adapter only. To build on several, "
+                        "merge them first (--export_merged True writes OUTPUT_DIR/merged) and pass the merged model "
+                        "as --model_name_or_path")
+    from peft import PeftConfig
+
+    try:
+        saved = PeftConfig.from_pretrained(args.adapter_name_or_path)
+    except (OSError, ValueError) as err:
+        raise UserError(f"--adapter_name_or_path {args.adapter_name_or_path}: not a LoRA adapter in PEFT's format "
+                        f"(adapter_config.json) ({first_line(err)})") from None
+    if getattr(saved, "peft_type", None) != "LORA":
+        raise UserError(f"--adapter_name_or_path {args.adapter_name_or_path}: a {saved.peft_type} adapter, not LoRA")
+    targets = saved.target_modules
+    targets = sorted({name.split(".")[-1] for name in targets}) if not isinstance(targets, str) else [targets]
+    adapter = {"lora_rank": saved.r, "lora_alpha": float(saved.lora_alpha), "lora_dropout": saved.lora_dropout,
+               "use_rslora": bool(saved.use_rslora), "lora_target": ",".join(targets)}
+    for name, value in adapter.items():
+        given = getattr(args, name)
+        agrees = given in (None, value) or (name == "lora_target" and (
+            given == "all" or sorted(given.split(",")) == targets))  # LLaMA-Factory's configs pass `all` everywhere
+        if not agrees:
+            raise UserError(f"--{name} {given} contradicts the adapter {args.adapter_name_or_path}, which has {value}: "
+                            "drop the flag (training goes on with the adapter's own settings)")
+        setattr(args, name, value)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -293,24 +352,29 @@ def free_port():
         return probe.getsockname()[1]
 
 
-def check_model_path(path):
-    """Refuse a local folder without a model, and say plainly when a path is neither a folder nor a hub id."""
+def check_model_path(path, what="model"):
+    """Refuse a local folder without a model, and say plainly when a path is neither a folder nor a hub id.
+    A tokenizer's folder needs no weights (a LoRA checkpoint holds the adapter and the tokenizer)."""
     folder = Path(path)
-    if folder.is_dir():
+    if folder.is_dir() and what == "model":
+        if not (folder / "config.json").is_file() and (folder / "adapter_config.json").is_file():
+            raise UserError(f"model {path}: a LoRA adapter, not a model; pass its base model as --model_name_or_path "
+                            f"and --finetuning_type lora --adapter_name_or_path {path} (or its merged export, "
+                            "--export_merged True)")
         if not (folder / "config.json").is_file():
             raise UserError(f"model {path}: the folder has no config.json; is it a model folder?")
         if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
             raise UserError(f"model {path}: the folder has a config.json but no weights (*.safetensors or "
                             "*.bin); was the model saved completely?")
-    elif folder.exists():
-        raise UserError(f"model {path}: a file, not a model folder")
-    elif str(path).startswith((".", "/", "~")) or str(path).count("/") > 1:  # not a hub id either
-        raise UserError(f"model {path}: no such folder")
+    elif folder.exists() and not folder.is_dir():
+        raise UserError(f"{what} {path}: a file, not a {what} folder")
+    elif not folder.exists() and (str(path).startswith((".", "/", "~")) or str(path).count("/") > 1):  # no hub id
+        raise UserError(f"{what} {path}: no such folder")
 
 
 def from_pretrained(load, path, what, **kwargs):
     """`load(path)` (a transformers from_pretrained), with a missing or unreachable model as a UserError."""
-    check_model_path(path)
+    check_model_path(path, what)
     try:
         return load(path, **kwargs)
     except (OSError, ValueError) as err:  # not on the hub, no network, not a valid hub id
@@ -332,6 +396,60 @@ def load_model(path, args):
     return model
 
 
+def load_policy(args):
+    """The model to train. full: --model_name_or_path, or the checkpoint's weights when resuming. lora: the frozen
+    --model_name_or_path with a new adapter, or --adapter_name_or_path's, or the checkpoint's when resuming."""
+    if args.finetuning_type == "full":
+        return load_model(args.resume_from_checkpoint or args.model_name_or_path, args)
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    model = load_model(args.model_name_or_path, args)
+    adapter = args.resume_from_checkpoint or args.adapter_name_or_path
+    if adapter:
+        return PeftModel.from_pretrained(model, adapter, is_trainable=True)
+    config = LoraConfig(task_type="CAUSAL_LM", r=args.lora_rank, lora_alpha=args.lora_alpha,
+                        lora_dropout=args.lora_dropout, use_rslora=args.use_rslora,
+                        target_modules="all-linear" if args.lora_target == "all" else args.lora_target.split(","))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)  # the adapters start the same whatever drew random numbers before
+        try:
+            return get_peft_model(model, config)
+        except ValueError as err:  # a target that names no module
+            raise UserError(f"--lora_target {args.lora_target}: {first_line(err)}") from None
+
+
+class AdapterDisabled:
+    """DPO's reference for a LoRA policy: the policy itself with its adapter switched off, i.e. the frozen base
+    model (no second copy of the weights), in eval mode; as LLaMA-Factory and TRL do. Called like a model."""
+
+    def __init__(self, model, accelerator):
+        self.model, self.peft_model = model, accelerator.unwrap_model(model)
+
+    def __call__(self, **inputs):
+        training = self.model.training
+        self.model.eval()
+        try:
+            with self.peft_model.disable_adapter():
+                return self.model(**inputs)
+        finally:
+            self.model.train(training)
+
+
+def report_params_without_direction(projector, model, accelerator, step):
+    """After a basis refresh, say which trainable tensors got no reference direction (their gradient is not
+    projected until a refresh finds one): with LoRA, every A matrix while its B is still zero."""
+    missing = projector.params_without_direction
+    if not missing:
+        return
+    names = [name for name, param in accelerator.unwrap_model(model).named_parameters() if param.requires_grad]
+    lora_a = sum(".lora_A." in names[i] for i in missing)
+    accelerator.print(f"basis at step {step}: the reference gradient is zero for {len(missing)} of {len(names)} "
+                      f"trainable tensors (e.g. {names[missing[0]]}), so the basis has no direction for them and "
+                      "their gradient is left as it is until a refresh finds one"
+                      + (f"; {lora_a} are LoRA A matrices, whose gradient is zero while B is zero (as LoRA starts)"
+                         if lora_a else ""))
+
+
 def load_tokenizer(path, args):
     from transformers import AutoTokenizer
 
@@ -349,7 +467,8 @@ def build_optimizer(model, args):
     for name, param in model.named_parameters():
         if param.requires_grad:
             (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": params, "weight_decay": weight_decay}
+              for params, weight_decay in ((decay, args.weight_decay), (no_decay, 0.0)) if params]  # LoRA: no biases
     if args.optim == "sgd":
         return torch.optim.SGD(groups, lr=args.learning_rate)
     return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),

@@ -167,7 +167,6 @@ def test_a_new_run_refuses_to_overwrite_checkpoints(tiny_model, tmp_path):
 
 @pytest.mark.parametrize("flags, message", [
     (["--stage", "dpo_pg"], "--stage dpo_pg is not run by this script"),
-    (["--finetuning_type", "lora"], "--finetuning_type lora is not implemented"),
     (["--fp16", "True"], "--fp16 is not supported"),
     (["--do_train", "False"], "only train"),
     (["--stage", "sft"], "--stage sft trains without projection: pass --base_method none"),
