@@ -95,12 +95,15 @@ class Config:
     dpo_epochs: float
     dpo_beta: float
     base_num_steps: int  # the OGPSA refresh interval of every setting that does not set its own
+    lora_lr_scale: float  # LoRA methods train at this times the stage's rate (LLaMA-Factory's examples: 1e-4 for
+    # LoRA where full fine-tuning uses 1e-5: the adapters start at zero and move a rank-r update)
     pipelines: tuple
     methods: tuple  # keys of TRAINED_METHODS
     merge_weights: tuple  # weight of the safety-tuned model in the merge with the pre-alignment model
 
 
 # Trained methods: (method, variant, extra flags of the training scripts). OGPSA always uses both reference sets.
+LORA_FLAGS = ("--finetuning_type", "lora", "--lora_rank", "8", "--lora_target", "all", "--export_merged", "True")
 TRAINED_METHODS = {
     "naive": ("naive", "", ()),
     "replay": ("replay", "", ()),
@@ -121,6 +124,12 @@ TRAINED_METHODS = {
     "ogpsa_global_update_refresh2": ("ogpsa", "global_update_refresh2", ("--base_scope", "global",
                                                                          "--base_project_update", "True",
                                                                          "--base_num_steps", "2")),
+    # LoRA (rank 8 on every linear layer; the paper's LoRA baseline), plain and with OGPSA over the adapters. Each is
+    # compared with "naive lora", not with full fine-tuning.
+    "lora_naive": ("naive", "lora", LORA_FLAGS),
+    "lora_ogpsa_per_param": ("ogpsa", "lora per_param", LORA_FLAGS + ("--base_scope", "per_param")),
+    "lora_ogpsa_global_update": ("ogpsa", "lora global_update", LORA_FLAGS + ("--base_scope", "global",
+                                                                             "--base_project_update", "True")),
 }
 PIPELINES = ("sft", "dpo", "sft_dpo")
 
@@ -129,9 +138,10 @@ CPU = Config(
     pretrain_tasks=6000, pretrain_benign=400, pretrain_harmful=400, pretrain_impossible=300, safety_samples=200,
     reference_samples=100, heldout_per_family=100, heldout_requests=100, pretrain_epochs=3, pretrain_lr=3e-3,
     batch_size=16, sft_lr=1e-3, sft_epochs=2, dpo_lr=3e-4, dpo_epochs=2, dpo_beta=0.1, base_num_steps=10,
-    pipelines=PIPELINES, merge_weights=(0.25, 0.5, 0.75),
+    lora_lr_scale=10.0, pipelines=PIPELINES, merge_weights=(0.25, 0.5, 0.75),
     methods=("naive", "replay", "ogpsa_per_param", "ogpsa_global", "ogpsa_global_d4", "ogpsa_global_refresh2",
-             "ogpsa_per_param_update", "ogpsa_global_update", "ogpsa_global_update_refresh2"),
+             "ogpsa_per_param_update", "ogpsa_global_update", "ogpsa_global_update_refresh2", "lora_naive",
+             "lora_ogpsa_per_param", "lora_ogpsa_global_update"),
 )
 CONFIGS = {
     "cpu": CPU,
@@ -139,7 +149,7 @@ CONFIGS = {
         CPU, seeds=(0,), hidden_size=32, num_layers=1, vocab_size=400, pretrain_tasks=300, pretrain_benign=50,
         pretrain_harmful=50, pretrain_impossible=30, safety_samples=24, reference_samples=8, heldout_per_family=6,
         heldout_requests=12, pretrain_epochs=1, batch_size=8, sft_epochs=1, dpo_epochs=1, base_num_steps=2,
-        methods=("naive", "ogpsa_per_param"), merge_weights=(0.5,)),
+        methods=("naive", "ogpsa_per_param", "lora_ogpsa_per_param"), merge_weights=(0.5,)),
     "gpu": replace(
         CPU, jobs=4, threads=4, hidden_size=256, num_layers=6, vocab_size=1024, pretrain_tasks=30000,
         pretrain_benign=3000, pretrain_harmful=3000, pretrain_impossible=2000, safety_samples=1000,
@@ -326,11 +336,12 @@ def stage_command(cfg, seed, seed_dir, kind, method_key, start_from, output):
     method, _, flags = TRAINED_METHODS[method_key]
     references = [f"ref_{name}_{kind}" for name in REFERENCE_FAMILIES]
     datasets = [f"safety_{kind}"] + (references if method == "replay" else [])
+    learning_rate = (cfg.sft_lr if kind == "sft" else cfg.dpo_lr) * (cfg.lora_lr_scale if is_lora(method_key) else 1)
     command = [ROOT / f"train_{kind}_pg.py", "--model_name_or_path", start_from, "--dataset_dir", seed_dir / "data",
                "--dataset", ",".join(datasets), "--output_dir", output, "--overwrite_output_dir", "True",
                "--seed", seed, "--per_device_train_batch_size", cfg.batch_size, "--lr_scheduler_type", "cosine",
                "--warmup_ratio", 0.1, "--save_strategy", "no", "--logging_steps", 5,
-               "--learning_rate", cfg.sft_lr if kind == "sft" else cfg.dpo_lr,
+               "--learning_rate", learning_rate,
                "--num_train_epochs", cfg.sft_epochs if kind == "sft" else cfg.dpo_epochs]
     if kind == "dpo":
         command += ["--pref_beta", cfg.dpo_beta, "--precompute_ref_log_probs", "True"]
@@ -339,8 +350,17 @@ def stage_command(cfg, seed, seed_dir, kind, method_key, start_from, output):
                     ",".join(references), "--base_num_samples", cfg.reference_samples,
                     "--base_num_steps", cfg.base_num_steps, "--base_batch_size", REFERENCE_BATCH, *flags]
     else:
-        command += ["--stage", kind, "--base_method", "none"]
+        command += ["--stage", kind, "--base_method", "none", *flags]
     return command
+
+
+def is_lora(method_key):
+    return "--finetuning_type" in TRAINED_METHODS[method_key][2]
+
+
+def final_model(output, method_key):
+    """The folder of a run's trained model: a LoRA run's merged export, else its output folder."""
+    return output / "merged" if is_lora(method_key) else output
 
 
 def base_jobs(cfg, base):
@@ -364,7 +384,7 @@ def seed_jobs(cfg, seed, seed_dir, pre):
         for pipeline in cfg.pipelines:
             stage = "sft" if pipeline == "sft" else "dpo"
             start, after = (pre, "pre") if pipeline != "sft_dpo" else \
-                (seed_dir / f"sft-{method}", f"s{seed}-sft-{method}")
+                (final_model(seed_dir / f"sft-{method}", method), f"s{seed}-sft-{method}")
             jobs.append(Job(f"s{seed}-{pipeline}-{method}",
                             stage_command(cfg, seed, seed_dir, stage, method, start, seed_dir / f"{pipeline}-{method}"),
                             (after,), cfg.threads))
@@ -517,7 +537,7 @@ def evaluate_group(cfg, seed, seed_dir, pre, splits, pipeline):
     for key in cfg.methods:
         method, variant, _ = TRAINED_METHODS[key]
         path = seed_dir / f"{pipeline}-{key}"
-        runs.append(record(method, variant, load_model(path, device), path))
+        runs.append(record(method, variant, load_model(final_model(path, key), device), path))
         if key == "naive":
             for weight in cfg.merge_weights:
                 merged = load_model(path, device)
@@ -579,11 +599,18 @@ def summarize(runs, split="test"):
     return rows
 
 
+def baseline(method_label):
+    """What a method is compared with: LoRA methods with plain LoRA, the others with plain full fine-tuning."""
+    return "naive lora" if method_label.endswith("lora") or " lora " in method_label else "naive"
+
+
 def best_ogpsa(rows_val, pipeline, metric):
-    """The OGPSA setting with the smallest validation utility loss among those at naive's validation safety
-    (within 2 points); if none is, the smallest loss overall. Chosen on validation, never on test."""
+    """The full fine-tuning OGPSA setting with the smallest validation utility loss among those at naive's
+    validation safety (within 2 points); if none is, the smallest loss overall. Chosen on validation, never on
+    test."""
     naive = next(r for r in rows_val if r["pipeline"] == pipeline and r["method"] == "naive")
-    candidates = [r for r in rows_val if r["pipeline"] == pipeline and r["method"].startswith("ogpsa")]
+    candidates = [r for r in rows_val if r["pipeline"] == pipeline and r["method"].startswith("ogpsa")
+                  and baseline(r["method"]) == "naive"]
     if not candidates:
         return None
     equal = [r for r in candidates if abs(r["refusal"]["mean"] - naive["refusal"]["mean"]) <= 0.02 + 1e-9]
@@ -626,8 +653,9 @@ def interval(stat, scale, digits):
 def reduction_vs_naive(rows, row, metric):
     if row["pipeline"] == "pre":
         return ""
-    naive = next(r for r in rows if r["pipeline"] == row["pipeline"] and r["method"] == "naive")
-    if naive[f"{metric}_loss"]["mean"] <= 0:
+    naive = next((r for r in rows if r["pipeline"] == row["pipeline"] and r["method"] == baseline(row["method"])),
+                 None)
+    if naive is None or naive[f"{metric}_loss"]["mean"] <= 0:
         return ""
     return f"{(1 - row[f'{metric}_loss']['mean'] / naive[f'{metric}_loss']['mean']) * 100:.0f}%"
 
@@ -637,7 +665,8 @@ def markdown(config_name, cfg, split, rows, checks, timing):
     lines = [f"### Config `{config_name}`: {split} split, mean ± sd over {pre['seeds']} seeds", "",
              f"Pre-alignment model (shared by the seeds): answer NLL {pre['nll']['mean']:.3f}, accuracy "
              f"{pre['accuracy']['mean'] * 100:.1f}%, refusal {pre['refusal']['mean'] * 100:.0f}%, over-refusal "
-             f"{pre['over_refusal']['mean'] * 100:.0f}%. Learning rates: SFT {cfg.sft_lr:g}, DPO {cfg.dpo_lr:g}. "
+             f"{pre['over_refusal']['mean'] * 100:.0f}%. Learning rates: SFT {cfg.sft_lr:g}, DPO {cfg.dpo_lr:g} (LoRA: "
+             f"{cfg.lora_lr_scale:g}x). "
              f"Wall time {timing['total_s'] / 60:.1f} min (training {timing['train_s'] / 60:.1f}, evaluation "
              f"{timing['eval_s'] / 60:.1f}).", "",
              "| pipeline | method | refusal % | over-refusal % | accuracy % | answer NLL | accuracy loss (pts) "
@@ -676,10 +705,11 @@ def styles(labels):
     merges = [m for m in labels if m.startswith("merge")]
     ogpsa = [m for m in labels if m.startswith("ogpsa")]
     warm = ["tab:red", "tab:orange", "tab:brown", "tab:pink", "tab:olive", "goldenrod", "tab:gray", "tab:cyan"]
-    out = {"pre": ("*", "black"), "naive": ("o", "tab:blue"), "replay": ("D", "tab:purple")}
+    out = {"pre": ("*", "black"), "naive": ("o", "tab:blue"), "replay": ("D", "tab:purple"),
+           "naive lora": ("^", "tab:blue")}
     out.update({m: ("s", plt.get_cmap("Greens")(0.45 + 0.5 * i / max(1, len(merges) - 1)))
                 for i, m in enumerate(merges)})
-    out.update({m: ("o", warm[i % len(warm)]) for i, m in enumerate(ogpsa)})
+    out.update({m: ("^" if baseline(m) != "naive" else "o", warm[i % len(warm)]) for i, m in enumerate(ogpsa)})
     return out
 
 
@@ -832,7 +862,7 @@ def path_diagnostic(cfg, work, pre, jobs):
     from transformers import AutoTokenizer
 
     seed, seed_dir = cfg.seeds[0], work / f"seed-{cfg.seeds[0]}"
-    keys = [key for key in cfg.methods if TRAINED_METHODS[key][0] in ("naive", "ogpsa")]
+    keys = [key for key in cfg.methods if TRAINED_METHODS[key][0] in ("naive", "ogpsa") and not is_lora(key)]
     for stage in ("sft", "dpo"):
         for key in keys:
             command = stage_command(cfg, seed, seed_dir, stage, key, pre, work / "path" / f"{stage}-{key}")
