@@ -177,8 +177,11 @@ def test_update_projection_under_ddp_equals_one_process(tiny_model, tmp_path):
     assert read_log(tmp_path / "ddp")[-1]["update_removed_fraction"] > 0
 
 
-UPDATE_RUNS = [(backend, nproc, script) for backend in ("zero1", "zero2", "zero3") for nproc in (2, 3)
-               for script in ("sft", "dpo")] + [("zero2_offload", 2, "sft"), ("zero3_offload", 2, "sft")]
+# ZeRO-2 and ZeRO-3 with both scripts; 3 ranks (odd partition splits) and ZeRO-1 (ZeRO-2's optimizer step, with
+# the gradient unpartitioned) and offload with SFT only, which shares the DPO script's update-projection path.
+UPDATE_RUNS = [(backend, 2, script) for backend in ("zero2", "zero3") for script in ("sft", "dpo")] + \
+    [("zero2", 3, "sft"), ("zero3", 3, "sft"), ("zero1", 2, "sft"), ("zero2_offload", 2, "sft"),
+     ("zero3_offload", 2, "sft")]
 
 
 @pytest.mark.parametrize("backend, nproc, script", UPDATE_RUNS)

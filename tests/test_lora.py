@@ -48,17 +48,18 @@ def lora_run_args(script, model, out, **overrides):
 
 @pytest.fixture(scope="module")
 def lora_runs(tiny_model, tmp_path_factory):
-    """LoRA runs of 4 steps (checkpoint at step 2), one per (script, scope, update projection, backend), made on
-    first use; "single" is one process with the global batch of the 2-process runs."""
+    """LoRA runs of 4 steps (checkpoint at step 2), one per (script, scope, update projection, method, backend),
+    made on first use; "single" is one process with the global batch of the 2-process runs."""
     cache = {}
 
-    def get(script, scope, project_update, backend="single"):
-        key = script, scope, project_update, backend
+    def get(script, scope, project_update, method="orthogonal_projection", backend="single"):
+        key = script, scope, project_update, method, backend
         if key not in cache:
             out = tmp_path_factory.mktemp(f"lora-{'-'.join(map(str, key))}")
             single = backend == "single"
             args = lora_run_args(script, tiny_model, out, base_scope=scope, base_project_update=project_update,
-                                 per_device_train_batch_size=4 if single else 2, export_merged=single)
+                                 base_method=method, per_device_train_batch_size=4 if single else 2,
+                                 export_merged=single)
             cache[key] = out, run_script(SCRIPTS[script][0], args + BACKENDS.get(backend, []),
                                          nproc=1 if single else 2)
         return cache[key]
@@ -66,29 +67,30 @@ def lora_runs(tiny_model, tmp_path_factory):
     return get
 
 
-DISTRIBUTED = [("ddp", "sft", "per_param", False), ("zero2", "sft", "global", True),
-               ("zero3", "sft", "per_param", True), ("zero2", "dpo", "per_param", False),
-               ("zero3", "dpo", "global", True)]
+PROJECTION = "orthogonal_projection"
+DISTRIBUTED = [("ddp", "sft", "per_param", False, "threshold"), ("zero2", "sft", "global", True, PROJECTION),
+               ("zero3", "sft", "per_param", True, PROJECTION), ("zero2", "dpo", "per_param", False, PROJECTION),
+               ("zero3", "dpo", "global", True, PROJECTION)]
 
 
-@pytest.mark.parametrize("backend, script, scope, project_update", DISTRIBUTED)
-def test_two_processes_equal_one(lora_runs, backend, script, scope, project_update):
-    single, single_result = lora_runs(script, scope, project_update)
-    multi, _ = lora_runs(script, scope, project_update, backend)
+@pytest.mark.parametrize("backend, script, scope, project_update, method", DISTRIBUTED)
+def test_two_processes_equal_one(lora_runs, backend, script, scope, project_update, method):
+    single, single_result = lora_runs(script, scope, project_update, method)
+    multi, _ = lora_runs(script, scope, project_update, method, backend)
     assert_adapters_equal(adapter(single), adapter(multi))
     log = read_log(multi)
-    assert all(record["max_abs_cos"] < 1e-3 for record in log)
+    assert method != PROJECTION or all(record["max_abs_cos"] < 1e-3 for record in log)
     if project_update:
         assert all(record["update_removed_fraction"] > 0 for record in log)
     # LoRA starts with B = 0, so every A's first reference gradient is zero; the log says so.
     assert "14 are LoRA A matrices, whose gradient is zero while B is zero" in single_result.stdout
 
 
-@pytest.mark.parametrize("backend, script, scope, project_update", [DISTRIBUTED[2], DISTRIBUTED[4]])
-def test_resume_equals_uninterrupted(tiny_model, lora_runs, tmp_path, backend, script, scope, project_update):
+@pytest.mark.parametrize("backend, script, scope, project_update, method", [DISTRIBUTED[2], DISTRIBUTED[4]])
+def test_resume_equals_uninterrupted(tiny_model, lora_runs, tmp_path, backend, script, scope, project_update, method):
     """The checkpoint holds the adapter, the optimizer state and the basis: the resumed run logs the same losses
     (its forward passes use the adapter it loaded) and ends with the same adapter."""
-    full, _ = lora_runs(script, scope, project_update, backend)
+    full, _ = lora_runs(script, scope, project_update, method, backend)
     part = tmp_path / "part"
     shutil.copytree(full / "checkpoint-2", part / "checkpoint-2")
     assert not list((part / "checkpoint-2").glob("model*.safetensors"))  # the adapter only
@@ -156,7 +158,7 @@ def test_saved_adapter_and_merged_export_give_the_trained_model(tiny_model, lora
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out, _ = lora_runs("sft", "per_param", False)
+    out, _ = lora_runs("sft", "per_param", False, "threshold")
     config = json.loads((out / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (8, 16, 0)
     assert config["base_model_name_or_path"] == str(tiny_model)
@@ -193,7 +195,7 @@ def test_lora_flags_follow_llama_factory(tiny_model, lora_runs, tmp_path):
     args = parse(tiny_model, tmp_path, "--finetuning_type", "lora", "--lora_rank", "4")
     assert (args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_target, args.use_rslora) == \
         (4, 8.0, 0.0, "all", False)
-    trained, _ = lora_runs("sft", "per_param", False)
+    trained, _ = lora_runs("sft", "per_param", False, "threshold")
     args = parse(tiny_model, tmp_path, "--finetuning_type", "lora", "--adapter_name_or_path", str(trained),
                  "--lora_target", "all", "--lora_rank", "8")  # agree with the adapter: taken from it
     assert (args.lora_rank, args.lora_alpha) == (8, 16.0)
@@ -215,7 +217,7 @@ def test_lora_flags_follow_llama_factory(tiny_model, lora_runs, tmp_path):
 
 
 def test_an_adapter_passed_as_the_model_and_a_target_that_names_nothing_are_refused(tiny_model, lora_runs, tmp_path):
-    trained, _ = lora_runs("sft", "per_param", False)
+    trained, _ = lora_runs("sft", "per_param", False, "threshold")
     result = run_script("train_sft_pg.py", sft_args(trained, tmp_path / "a", finetuning_type="lora"),
                         expect_ok=False)
     assert result.returncode == 2 and "a LoRA adapter, not a model" in result.stderr
