@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The demo, on the CPU: set up .venv, build the tiny Qwen2 model, then safety SFT with OGPSA followed by safety DPO
-# with OGPSA starting from the SFT output. Extra arguments go to both training scripts.
+# with OGPSA starting from the SFT output, then safety SFT of LoRA adapters with OGPSA (adapter plus merged model).
+# Extra arguments go to every training run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
@@ -21,7 +22,15 @@ $PY train_dpo_pg.py --model_name_or_path outputs/demo-sft --dataset_dir data --d
   --learning_rate 5e-4 --lr_scheduler_type cosine --num_train_epochs 1 --logging_steps 2 --save_strategy epoch \
   --output_dir outputs/demo-dpo --overwrite_output_dir True --plot_loss True "$@"
 
-echo "demo finished in $(( $(date +%s) - start )) s: outputs/demo-sft (SFT), outputs/demo-dpo (DPO);" \
+$PY train_sft_pg.py --model_name_or_path models/tiny-qwen2 --dataset_dir data --dataset demo_safety_sft \
+  --base_dataset demo_general_a_sft,demo_general_b_sft --base_num_samples 200 --base_num_steps 10 \
+  --base_method orthogonal_projection --finetuning_type lora --lora_rank 8 --lora_target all --export_merged True \
+  --per_device_train_batch_size 8 --gradient_accumulation_steps 2 --learning_rate 5e-3 --lr_scheduler_type cosine \
+  --num_train_epochs 2 --logging_steps 5 --save_strategy epoch --output_dir outputs/demo-sft-lora \
+  --overwrite_output_dir True --plot_loss True "$@"
+
+echo "demo finished in $(( $(date +%s) - start )) s: outputs/demo-sft (SFT), outputs/demo-dpo (DPO)," \
+  "outputs/demo-sft-lora (LoRA adapter; merged model in merged/);" \
   "loss curves in outputs/*/training_loss.png"
 $PY -c "import json; r = json.load(open('outputs/demo-dpo/train_results.json')); \
 print('DPO reward accuracy: first', r['first_rewards/accuracies'], 'last', r['last_rewards/accuracies'])"
