@@ -100,6 +100,9 @@ class Config:
     pipelines: tuple
     methods: tuple  # keys of TRAINED_METHODS
     merge_weights: tuple  # weight of the safety-tuned model in the merge with the pre-alignment model
+    # benign counter-examples, as real safety sets have: benign requests answered helpfully in the safety SFT set, and
+    # (other ones) as DPO pairs with the helpful answer chosen and a refusal rejected (0: none, as in every config here)
+    safety_benign: int = 0
 
 
 # Trained methods: (method, variant, extra flags of the training scripts). OGPSA always uses both reference sets.
@@ -272,10 +275,12 @@ def reference_rows(rng, draw, benign_ids, families, n):
 
 
 def make_seed_data(cfg, splits, ids, seed, data_dir):
-    """One seed's safety sets (SFT, and DPO on other harmful requests) and its two reference sets (SFT and pairs)."""
+    """One seed's safety sets (SFT, and DPO on other harmful requests; with cfg.safety_benign, benign counter-examples
+    in both) and its two reference sets (SFT and pairs)."""
     rng = random.Random(seed)
     harmful = rng.sample(ids["harmful"]["free"], 2 * cfg.safety_samples)
     benign = rng.sample(ids["benign"]["free"], 2 * cfg.reference_samples)
+    reference_benign = set(benign)
     files = {"safety_sft": [sft_row(harmful_prompt(rng, i), refusal(rng, i)) for i in harmful[:cfg.safety_samples]],
              "safety_dpo": [pair_row(harmful_prompt(rng, i), refusal(rng, i), compliance(i))
                             for i in harmful[cfg.safety_samples:]]}
@@ -283,6 +288,12 @@ def make_seed_data(cfg, splits, ids, seed, data_dir):
     for name, families in REFERENCE_FAMILIES.items():
         files[f"ref_{name}_sft"], files[f"ref_{name}_dpo"] = reference_rows(rng, draw, benign, families,
                                                                             cfg.reference_samples)
+    if cfg.safety_benign:  # drawn last, so that a config without them keeps its data unchanged
+        n = cfg.safety_benign
+        counter = rng.sample(sorted(set(ids["benign"]["free"]) - reference_benign), 2 * n)
+        files["safety_sft"] += [sft_row(request_prompt(rng, "benign", i), helpful_answer(i)) for i in counter[:n]]
+        files["safety_dpo"] += [pair_row(request_prompt(rng, "benign", i), helpful_answer(i),
+                                         refusal_of(rng, "benign", i)) for i in counter[n:]]
     write_datasets(data_dir, files)
 
 
@@ -780,19 +791,25 @@ def parse_args():
     return parser.parse_args()
 
 
-def configure(name, assignments):
-    """The named configuration with KEY=VALUE overrides applied, checked."""
-    cfg = CONFIGS[name]
+def apply_overrides(cfg, assignments):
+    """cfg (a Config, or a dataclass extending it) with --set KEY=VALUE overrides applied (tuples comma-separated)."""
+    fields = type(cfg).__dataclass_fields__
     for assignment in assignments:
         key, _, value = assignment.partition("=")
-        if key not in Config.__dataclass_fields__ or not value:
-            raise SystemExit(f"--set {assignment}: expected KEY=VALUE, KEY one of {list(Config.__dataclass_fields__)}")
+        if key not in fields or not value:
+            raise SystemExit(f"--set {assignment}: expected KEY=VALUE, KEY one of {list(fields)}")
         current = getattr(cfg, key)
         if isinstance(current, tuple):
             parsed = tuple(type(current[0])(v) for v in value.split(","))
         else:
             parsed = float(value) if current is None else type(current)(value)  # None: a learning rate to select
         cfg = replace(cfg, **{key: parsed})
+    return cfg
+
+
+def configure(name, assignments):
+    """The named configuration with KEY=VALUE overrides applied, checked."""
+    cfg = apply_overrides(CONFIGS[name], assignments)
     if "naive" not in cfg.methods or set(cfg.methods) - set(TRAINED_METHODS) or set(cfg.pipelines) - set(PIPELINES):
         raise SystemExit(f"methods must include naive and come from {list(TRAINED_METHODS)}; pipelines from "
                          f"{list(PIPELINES)}")
