@@ -353,11 +353,14 @@ def free_port():
 
 
 def check_model_path(path, what="model"):
-    """Refuse a local folder without a model, and say plainly when a path is neither a folder nor a hub id.
-    A tokenizer's folder needs no weights (a LoRA checkpoint holds the adapter and the tokenizer)."""
+    """Refuse a local folder without a model, and say plainly when a path is neither a folder nor a hub id. The
+    tokenizer of a LoRA checkpoint or adapter folder needs no model weights there."""
     folder = Path(path)
-    if folder.is_dir() and what == "model":
-        if not (folder / "config.json").is_file() and (folder / "adapter_config.json").is_file():
+    is_adapter = (folder / "adapter_config.json").is_file()
+    if folder.is_dir():
+        if is_adapter and what == "tokenizer":
+            return
+        if not (folder / "config.json").is_file() and is_adapter:
             raise UserError(f"model {path}: a LoRA adapter, not a model; pass its base model as --model_name_or_path "
                             f"and --finetuning_type lora --adapter_name_or_path {path} (or its merged export, "
                             "--export_merged True)")
@@ -366,10 +369,10 @@ def check_model_path(path, what="model"):
         if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
             raise UserError(f"model {path}: the folder has a config.json but no weights (*.safetensors or "
                             "*.bin); was the model saved completely?")
-    elif folder.exists() and not folder.is_dir():
-        raise UserError(f"{what} {path}: a file, not a {what} folder")
-    elif not folder.exists() and (str(path).startswith((".", "/", "~")) or str(path).count("/") > 1):  # no hub id
-        raise UserError(f"{what} {path}: no such folder")
+    elif folder.exists():
+        raise UserError(f"model {path}: a file, not a model folder")
+    elif str(path).startswith((".", "/", "~")) or str(path).count("/") > 1:  # not a hub id either
+        raise UserError(f"model {path}: no such folder")
 
 
 def from_pretrained(load, path, what, **kwargs):
