@@ -139,8 +139,7 @@ def main():
     average = args.pref_loss == "ipo"
 
     # ---- data -------------------------------------------------------------------------------------------------
-    start_from = args.resume_from_checkpoint or args.model_name_or_path  # resuming: the checkpoint's weights
-    tokenizer = load_tokenizer(start_from, args)
+    tokenizer = load_tokenizer(args.resume_from_checkpoint or args.model_name_or_path, args)  # resuming: the saved one
     pad = tokenizer.pad_token_id
     with accelerator.main_process_first():
         examples = load_tokenized(args.dataset, args, tokenizer, ranking=True, log=log)
