@@ -1,4 +1,4 @@
-"""Where backward runs and where the reduced gradient lives: one process or DDP, DeepSpeed ZeRO-1/2, ZeRO-3.
+"""Where backward runs and where the reduced gradient lives: one process or DDP, DeepSpeed ZeRO-1/2, ZeRO-3, FSDP2.
 
 A backend runs the micro-batches' backward passes, exposes the reduced gradient this rank owns as a
 `GradSlice` (see ogpsa_core), clips and steps, and saves the optimizer state. The training loop calls, per
@@ -9,7 +9,9 @@ Every DeepSpeed internal the project relies on is used in this file only, each b
 partition is (ZeroGradSlice for ZeRO-1/2's partition tables and `averaged_gradients`, Zero3GradSlice for ZeRO-3's
 gradient buffer), the accumulation state a reference collection must reset (`forget_gradient` of Zero12Backend and
 Zero3Backend), and ZeRO-3's float32 optimizer groups (Zero3Backend.base_optimizer_params). deepspeed is pinned
-exactly in requirements.txt.
+exactly in requirements.txt. Likewise for FSDP2 (torch's `fully_shard`, applied by Accelerate): turning it on where
+Accelerate would not (`enable_fsdp2`), the gradient shards (Fsdp2GradSlice) and the optimizer state's DTensors
+(Fsdp2Backend).
 """
 
 import bisect
@@ -84,6 +86,53 @@ def configure_deepspeed(config, args, world_size):
                              "schedule from their flags; remove it")
     if zero.get("stage") == 3 and zero.get("stage3_gather_16bit_weights_on_model_save", "auto") == "auto":
         zero["stage3_gather_16bit_weights_on_model_save"] = True  # checkpoints hold the whole model
+
+
+def enable_fsdp2(accelerator):
+    """Shard with FSDP2 on CPU processes too. Accelerate turns FSDP on only for accelerator devices and would run
+    plain DDP instead, without a word; torch's fully_shard works over gloo, so the scripts switch Accelerate to it
+    with the launch config's settings, and the runs (and the tests) go through the code a GPU run uses."""
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* variables `accelerate launch` set from the config
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    accelerator.state.fsdp_plugin = plugin
+    # Both states, as Accelerate's own initialisation leaves them on a GPU (the process state is copied into the
+    # accelerator state whenever one is constructed).
+    accelerator.state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
+def describe_engine(accelerator):
+    """One line for the log's start: the engine, its sharding and precision, the processes and the device."""
+    from accelerate.utils import DistributedType
+
+    where = f"{accelerator.num_processes} process{'es' if accelerator.num_processes > 1 else ''} on " \
+            f"{accelerator.device.type}"
+    if accelerator.is_fsdp2:
+        from torch.distributed.fsdp import CPUOffloadPolicy
+
+        plugin = accelerator.state.fsdp_plugin
+        policy = plugin.mixed_precision_policy
+        precision = (f"mixed precision: {str(policy.param_dtype).split('.')[-1]} compute, "
+                     f"{str(policy.reduce_dtype).split('.')[-1]} gradient reduction, float32 sharded parameters"
+                     if policy is not None and policy.param_dtype is not None else "float32")
+        wrap = getattr(plugin.auto_wrap_policy, "__name__", "NO_WRAP").replace("_auto_wrap_policy", "")
+        return (f"FSDP2 (fully_shard), {where}: parameters, gradients and optimizer state sharded on dim 0; "
+                f"{precision}; reshard_after_forward {plugin.reshard_after_forward}; wrap {wrap}; CPU offload "
+                f"{'on' if isinstance(plugin.cpu_offload, CPUOffloadPolicy) else 'off'}")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        config = accelerator.state.deepspeed_plugin.deepspeed_config
+        zero = config["zero_optimization"]
+        offload = [key.split("_")[1] for key in ("offload_optimizer", "offload_param")
+                   if (zero.get(key) or {}).get("device") not in (None, "none")]
+        return (f"DeepSpeed ZeRO-{zero.get('stage')}, {where}; "
+                f"{'bf16' if config.get('bf16', {}).get('enabled') is True else 'float32'}"
+                + (f"; {' and '.join(offload)} offloaded to the CPU" if offload else ""))
+    precision = "bf16 autocast" if accelerator.mixed_precision == "bf16" else "float32"
+    return f"{'DDP' if accelerator.num_processes > 1 else 'one process'}, {where}; {precision}"
 
 
 class Backend:
@@ -310,9 +359,64 @@ class Zero3Backend(DeepSpeedBackend):
             self.zero._clear_fp32_optimizer_param_groups()
 
 
+class Fsdp2Backend(Backend):
+    """FSDP2 (`fully_shard`, applied by Accelerate): every parameter is a DTensor sharded on dim 0 over the ranks;
+    after the last micro-batch's backward each rank holds the reduced gradient of its own rows of every parameter,
+    and its optimizer steps those rows. Each rank projects that shard (Fsdp2GradSlice), then clips with the global
+    norm taken over the gradients' DTensors (the memory the optimizer reads) and steps. Accumulation runs without
+    gradient sync on all but the last micro-batch (Accelerate's `no_sync` is FSDP2's `set_requires_gradient_sync`),
+    so the reduced gradient is projected once per step. With --base_project_update the masters are the float32
+    sharded parameters themselves, projected after the optimizer step and before the next forward gathers them.
+    """
+
+    def __init__(self, accelerator, model, optimizer):
+        self.accelerator, self.model, self.optimizer = accelerator, model, optimizer
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.grad_slice = Fsdp2GradSlice(self.params)
+        self.scheduled_optimizer = optimizer
+
+    def clip_and_step(self, max_norm):
+        from torch.distributed.tensor import DTensor
+
+        norm = torch.nn.utils.get_total_norm([p.grad for p in self.params])
+        norm = norm.full_tensor() if isinstance(norm, DTensor) else norm  # a plain number, the same on every rank
+        if max_norm > 0:  # torch.nn.utils.clip_grad_norm_'s rule, on the shards that the gradient DTensors view
+            self.grad_slice.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+        self.optimizer.step()
+        if self.update_projector is not None:
+            self.update_projector.project_()
+        self.zero_grad()
+        return norm
+
+    def optimizer_state(self):
+        """This rank's optimizer state: the DTensors (AdamW's moments, like the parameters) as their local shards."""
+        from torch.distributed.tensor import DTensor
+
+        state = self.optimizer.state_dict()
+        return {**state, "state": {index: {key: value.to_local() if isinstance(value, DTensor) else value
+                                           for key, value in entry.items()}
+                                   for index, entry in state["state"].items()}}
+
+    def load_optimizer_state(self, state):
+        from torch.distributed.tensor import DTensor
+
+        self.optimizer.load_state_dict(state)
+        for param in self.params:  # back to DTensors sharded like their parameter
+            for key, value in self.optimizer.state.get(param, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() and not isinstance(value, DTensor):
+                    if value.shape != param.to_local().shape:
+                        raise SystemExit("the checkpoint's FSDP2 optimizer shards do not fit this run: resume with "
+                                         "the same number of processes")
+                    self.optimizer.state[param][key] = DTensor.from_local(
+                        value, param.device_mesh, param.placements, shape=param.shape, stride=param.stride(),
+                        run_check=False)
+
+
 def make_backend(accelerator, model, optimizer):
     from accelerate.utils import DistributedType
 
+    if accelerator.is_fsdp2:
+        return Fsdp2Backend(accelerator, model, optimizer)
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
         return Backend(accelerator, model, optimizer)
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
@@ -328,11 +432,15 @@ def make_backend(accelerator, model, optimizer):
 
 
 def prepare_reference_model(accelerator, model):
-    """A frozen model for DPO: like the policy under DDP; under ZeRO-3 sharded the same way (each forward
+    """A frozen model for DPO: like the policy under DDP; under ZeRO-3 and FSDP2 sharded the same way (each forward
     gathers one layer at a time, never the whole model); under ZeRO-1/2 a full copy in the training precision."""
     from accelerate.utils import DistributedType
 
     model.requires_grad_(False).eval()
+    if accelerator.is_fsdp2:  # sharded as the policy is, by the same Accelerate function and settings
+        from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+        return fsdp2_prepare_model(accelerator, model)
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
         return accelerator.prepare_model(model, evaluation_mode=True)
     import deepspeed
@@ -466,3 +574,72 @@ class Zero3GradSlice(GradSlice):
                 torch.cuda.synchronize()
             return [(start, master.grad) for start, master in self.masters()]
         return [(0, self._zero.grad_partitions_flat_buffer)]
+
+
+class Fsdp2GradSlice(GradSlice):
+    """FSDP2: this rank's rows (a dim-0 shard, possibly uneven or empty) of every trainable parameter's gradient.
+
+    Every parameter's `.grad` is assigned once, before the first backward, as a DTensor whose local shard is a view
+    into one flat buffer; FSDP2 then adds each reduced gradient into that shard in place (it replaces a `.grad` only
+    when there is none), and clipping and the optimizer read it there. The local coordinates are the shards in
+    parameter order, without padding; `param_start` is the shard's offset in the flattened parameter. The masters
+    (--base_project_update) are the float32 sharded parameters themselves.
+    """
+
+    sharded = True
+
+    def __init__(self, params):
+        from torch.distributed.tensor import DTensor
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        self._params = params
+        self.num_params = len(params)
+        shards = [p.to_local() for p in params]
+        dtypes = {shard.dtype for shard in shards}
+        if len(dtypes) != 1:
+            raise ValueError(f"all trainable parameters must share one dtype, got {sorted(map(str, dtypes))}")
+        self.flat = torch.zeros(sum(shard.numel() for shard in shards), dtype=shards[0].dtype,
+                                device=shards[0].device)
+        self.segments, self._grad_ptrs, start = [], [], 0
+        for index, (param, shard) in enumerate(zip(params, shards)):
+            _, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+            view = self.flat[start:start + shard.numel()].view(shard.shape)
+            param.grad = DTensor.from_local(view, param.device_mesh, param.placements, shape=param.shape,
+                                            stride=param.stride(), run_check=False)
+            if shard.numel():
+                self.segments.append(Segment(index, start, shard.numel(),
+                                             offset[0] * math.prod(param.shape[1:]) if param.dim() else 0))
+            self._grad_ptrs.append(view.data_ptr() if shard.numel() else None)  # an empty shard holds nothing
+            start += shard.numel()
+        self.numel, self.device, self.dtype = start, self.flat.device, self.flat.dtype
+
+    def pieces(self):
+        from torch.distributed.tensor import DTensor
+
+        for index, (param, pointer) in enumerate(zip(self._params, self._grad_ptrs)):
+            grad = param.grad
+            if not isinstance(grad, DTensor) or (pointer is not None and grad.to_local().data_ptr() != pointer):
+                raise RuntimeError(f"FSDP2 replaced the gradient of parameter {index}: the projection would edit "
+                                   "memory the optimizer does not read (was the gradient set to None?)")
+        return [(0, self.flat)]
+
+    def zero_(self):
+        self.flat.zero_()
+
+    def masters(self):
+        return [(s.start, self._params[s.param_index].to_local().view(-1)) for s in self.segments]
+
+    def local_values(self, param, segment):
+        return param.to_local().view(-1)
+
+    @torch.no_grad()
+    def misplaced_params(self, params):
+        """Parameters whose gradient shard, as FSDP2 holds it, is not where the coordinates put it: the masters are
+        the parameters themselves here, so the map is checked against the gradient views instead of values."""
+        misplaced = []
+        for segment in self.segments:
+            grad = params[segment.param_index].grad.to_local()
+            expected = self.flat[segment.start:segment.start + segment.length]
+            if grad.data_ptr() != expected.data_ptr() or grad.numel() != segment.length:
+                misplaced.append(segment.param_index)
+        return misplaced

@@ -331,8 +331,9 @@ class Checkpointer:
         state_dict = self.accelerator.get_state_dict(self.model)
         lora = {"save_embedding_layers": False} if self.args.finetuning_type == "lora" else {}  # no hub lookup
         if self.accelerator.is_main_process:
-            self.accelerator.unwrap_model(self.model).save_pretrained(folder, state_dict=state_dict,
-                                                                      safe_serialization=True, **lora)
+            model = self.accelerator.unwrap_model(self.model)
+            model.save_pretrained(folder, state_dict=tie_gathered_copies(model, state_dict),
+                                  safe_serialization=True, **lora)
             self.tokenizer.save_pretrained(folder)
 
     def export_merged(self):
@@ -362,6 +363,17 @@ class Checkpointer:
             os.replace(staging, final)
             accelerator.print(f"merged model: {final}")
         accelerator.wait_for_everyone()
+
+
+def tie_gathered_copies(model, state_dict):
+    """A state dict gathered from shards (ZeRO-3, FSDP2) holds a separate copy of each name of a tied parameter (an
+    output head sharing the input embedding); make them one tensor again, so that save_pretrained writes it once,
+    under the name it writes for an unsharded model."""
+    first_name = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if name in state_dict:
+            state_dict[name] = state_dict[first_name.setdefault(id(param), name)]
+    return state_dict
 
 
 def _fsync_tree(folder):

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import ogpsa_core
-from backends import configure_deepspeed
+from backends import configure_deepspeed, describe_engine, enable_fsdp2
 from checkpoint import check_resume_flags, json_safe, resolve_resume, write_json, write_text_atomic
 from data_utils import IGNORE_INDEX, TEMPLATES, apply_template
 from run_guard import UserError, first_line
@@ -272,6 +272,13 @@ def make_accelerator(args):
     from accelerate import Accelerator, DeepSpeedPlugin, InitProcessGroupKwargs
     from accelerate.utils import DistributedType
 
+    fsdp = launched_fsdp_version()
+    if fsdp is not None and fsdp != 2:
+        raise UserError("the Accelerate config asks for FSDP1 (fsdp_version 1, or none given), which OGPSA does not "
+                        "support: set fsdp_version: 2 in its fsdp_config (FSDP2; the other keys carry over)")
+    if fsdp and args.deepspeed:
+        raise UserError(f"--deepspeed {args.deepspeed} with an FSDP Accelerate config: choose one engine")
+    check_launched_precision(args)
     config, stage = deepspeed_file_config(args)
     if stage == 0:  # ZeRO stage 0 is plain data parallelism: run it as DDP (the whole reduced gradient per rank)
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "false"
@@ -283,7 +290,7 @@ def make_accelerator(args):
     if use_deepspeed and "LOCAL_RANK" not in os.environ:  # `python script.py --deepspeed ...`: one process
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
-    distributed = use_deepspeed or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    distributed = use_deepspeed or fsdp or int(os.environ.get("WORLD_SIZE", "1")) > 1
     process_group = ("nccl" if torch.cuda.is_available() else "gloo") if distributed else None
     handlers = [InitProcessGroupKwargs(backend=process_group, timeout=timedelta(seconds=args.ddp_timeout))]
     trackers = None if args.report_to == "none" else args.report_to.split(",")
@@ -293,13 +300,36 @@ def make_accelerator(args):
                               project_dir=args.output_dir, kwargs_handlers=handlers, deepspeed_plugin=plugin,
                               gradient_accumulation_steps=args.gradient_accumulation_steps if use_deepspeed else 1,
                               cpu=not torch.cuda.is_available() and not use_deepspeed)
+    if fsdp and accelerator.distributed_type != DistributedType.FSDP:  # CPU processes: never DDP instead
+        enable_fsdp2(accelerator)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         configure_deepspeed(accelerator.state.deepspeed_plugin.deepspeed_config, args, accelerator.num_processes)
     elif stage == 0:
         accelerator.print("DeepSpeed ZeRO stage 0 is plain data parallelism: running it as DDP")
+    accelerator.print(f"engine: {describe_engine(accelerator)}")
     if trackers:
         accelerator.init_trackers(Path(args.output_dir).name, config=json_safe(vars(args)))
     return accelerator
+
+
+def launched_fsdp_version():
+    """The FSDP version an `accelerate launch` config (distributed_type FSDP) asks for; None without FSDP."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return None
+    return int(os.environ.get("FSDP_VERSION", "1"))
+
+
+def check_launched_precision(args):
+    """--bf16 decides the precision; refuse an Accelerate config (or `accelerate launch --mixed_precision`) that
+    asks for another, which Accelerate would otherwise apply while the run records --bf16 False."""
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if launched == "no" or (launched == "bf16" and args.bf16):
+        return
+    if launched == "bf16":
+        raise UserError("the Accelerate config sets mixed_precision: bf16 but --bf16 is not set: pass --bf16 True "
+                        "(or launch with --mixed_precision no for float32)")
+    raise UserError(f"the Accelerate config sets mixed_precision: {launched}, which is not supported: use "
+                    "mixed_precision bf16 with --bf16 True, or no")
 
 
 def deepspeed_file_config(args):
