@@ -95,7 +95,11 @@ def enable_fsdp2(accelerator):
     from accelerate import PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
     plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* variables `accelerate launch` set from the config
+    if isinstance(plugin.cpu_offload, CPUOffloadPolicy):  # pinned memory needs an accelerator; the copies are alike
+        plugin.cpu_offload = CPUOffloadPolicy(pin_memory=False)
     if accelerator.mixed_precision != "no":
         plugin.set_mixed_precision(accelerator.mixed_precision)
     accelerator.state.fsdp_plugin = plugin
@@ -142,6 +146,7 @@ class Backend:
     (sync=True on the last one, where DDP reduces), then projects `grad_slice`, then `clip_and_step(max_norm)`.
     """
 
+    engine_name = "one process or DDP"  # recorded in checkpoints: a resume must use the same
     partition_settings = {}  # DeepSpeed zero_optimization keys the config moves from their defaults
     update_projector = None  # set by project_steps (--base_project_update)
 
@@ -317,6 +322,8 @@ class DeepSpeedBackend(Backend):
 
 
 class Zero12Backend(DeepSpeedBackend):
+    engine_name = "DeepSpeed ZeRO-1/2"
+
     def __init__(self, accelerator, engine, optimizer):
         super().__init__(accelerator, engine, optimizer, ZeroGradSlice)
         self.num_groups = len(self.zero.bit16_groups)
@@ -335,6 +342,8 @@ class Zero12Backend(DeepSpeedBackend):
 
 
 class Zero3Backend(DeepSpeedBackend):
+    engine_name = "DeepSpeed ZeRO-3"
+
     def __init__(self, accelerator, engine, optimizer):
         super().__init__(accelerator, engine, optimizer, Zero3GradSlice)
         self.num_groups = len(self.zero.fp16_groups)
@@ -369,10 +378,13 @@ class Fsdp2Backend(Backend):
     sharded parameters themselves, projected after the optimizer step and before the next forward gathers them.
     """
 
+    engine_name = "FSDP2"
+
     def __init__(self, accelerator, model, optimizer):
         self.accelerator, self.model, self.optimizer = accelerator, model, optimizer
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.grad_slice = Fsdp2GradSlice(self.params)
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in named]
+        self.grad_slice = Fsdp2GradSlice(self.params, [name for name, _ in named])
         self.scheduled_optimizer = optimizer
 
     def clip_and_step(self, max_norm):
@@ -588,10 +600,22 @@ class Fsdp2GradSlice(GradSlice):
 
     sharded = True
 
-    def __init__(self, params):
-        from torch.distributed.tensor import DTensor
+    def __init__(self, params, param_names):
+        from torch.distributed.tensor import DTensor, Shard
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        for name, param in zip(param_names, params):  # what the all-reduce of partial sums over all ranks assumes
+            if not isinstance(param, DTensor):
+                raise SystemExit(f"FSDP2 does not shard the trainable parameter {name} (fsdp_ignored_modules?): its "
+                                 "gradient is never reduced across ranks; OGPSA needs every trainable parameter "
+                                 "sharded, so remove it from the ignored modules")
+            if param.device_mesh.ndim != 1 or param.device_mesh.size() != world or \
+                    tuple(param.placements) != (Shard(0),):
+                raise SystemExit(f"FSDP2 lays out {name} as {tuple(param.placements)} over a mesh of shape "
+                                 f"{tuple(param.device_mesh.shape)}: only plain FSDP (dim-0 shards over all "
+                                 f"{world} processes) is supported, not HSDP, tensor or context parallelism "
+                                 "(Accelerate's parallelism_config)")
         self._params = params
         self.num_params = len(params)
         shards = [p.to_local() for p in params]

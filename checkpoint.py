@@ -230,7 +230,8 @@ class Checkpointer:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 trainer_state = {"global_step": step, "save_only_model": args.save_only_model,
-                                 "world_size": accelerator.num_processes, "args": json_safe(vars(args))}
+                                 "world_size": accelerator.num_processes, "engine": self.backend.engine_name,
+                                 "args": json_safe(vars(args))}
                 Path(partial, "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
                 _fsync_tree(partial)
         except (OSError, SafetensorError) as err:
@@ -276,16 +277,21 @@ class Checkpointer:
             raise UserError(f"{folder} was saved with --save_only_model True: it holds no optimizer, scheduler or RNG "
                             "state, so training cannot resume exactly. Start a new run from it with "
                             f"--model_name_or_path {folder} instead")
+        engine = trainer_state.get("engine", backend.engine_name)  # checkpoints written before engines were recorded
+        if engine != backend.engine_name:
+            raise UserError(f"cannot resume from {folder}: it was saved under {engine} and this run uses "
+                            f"{backend.engine_name}, which lays out the optimizer state and the OGPSA basis otherwise; "
+                            "resume with the launch config that wrote it")
+        if backend.grad_slice.sharded and trainer_state["world_size"] != accelerator.num_processes:
+            raise UserError(f"cannot resume from {folder}: it was saved by {trainer_state['world_size']} processes "
+                            f"and {engine} shards the optimizer state and the OGPSA basis per process; resume with "
+                            f"{trainer_state['world_size']} processes")
         saved = trainer_state["args"]  # the other flags were compared in check_args (check_resume_flags)
         saved_batch = saved["per_device_train_batch_size"] * trainer_state["world_size"] * \
             saved["gradient_accumulation_steps"]
         if global_batch != saved_batch:
             raise UserError(f"cannot resume from {folder}: the global batch size (per-device batch x processes x "
                             f"accumulation) was {saved_batch}, now {global_batch}; the data order would differ")
-        if backend.grad_slice.sharded and trainer_state["world_size"] != accelerator.num_processes:
-            raise UserError(f"cannot resume from {folder}: it was saved by {trainer_state['world_size']} processes "
-                            "and ZeRO shards the optimizer state and the OGPSA basis per process; resume with "
-                            f"{trainer_state['world_size']} processes")
         backend.load_optimizer_state(load_state(folder, self.optimizer_file(accelerator.process_index), "cpu"))
         self.scheduler.load_state_dict(json.loads(Path(folder, "scheduler.json").read_text()))
         rank = accelerator.process_index

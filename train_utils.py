@@ -278,6 +278,9 @@ def make_accelerator(args):
                         "support: set fsdp_version: 2 in its fsdp_config (FSDP2; the other keys carry over)")
     if fsdp and args.deepspeed:
         raise UserError(f"--deepspeed {args.deepspeed} with an FSDP Accelerate config: choose one engine")
+    if fsdp and os.environ.get("FSDP_AUTO_WRAP_POLICY", "").upper() == "SIZE_BASED_WRAP":
+        raise UserError("fsdp_auto_wrap_policy SIZE_BASED_WRAP is not supported: Accelerate's size-based policy wraps "
+                        "the decoder's ModuleList, which fully_shard rejects; use TRANSFORMER_BASED_WRAP (or NO_WRAP)")
     check_launched_precision(args)
     config, stage = deepspeed_file_config(args)
     if stage == 0:  # ZeRO stage 0 is plain data parallelism: run it as DDP (the whole reduced gradient per rank)

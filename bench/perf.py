@@ -6,8 +6,9 @@ with the reference SFT settings (micro-batch 4, gradient accumulation 4, seq 204
   steps       optimizer-step time and tokens/s of plain training and of OGPSA (default: per_param K=2, the
               reference setting; global K=2; global K=8 with a bf16 basis; per_param K=2 + update, which also
               projects AdamW's step as --base_project_update does), each OGPSA variant interleaved with plain
-              steps in the same process; single process (Accelerate) and DeepSpeed ZeRO-2 with one process (a
-              torchrun worker of this script, one per model);
+              steps in the same process; single process (Accelerate), DeepSpeed ZeRO-2 with one process (a
+              torchrun worker of this script, one per model) and FSDP2 with one process (an `accelerate launch`
+              worker with LLaMA-Factory's accelerate_configs/fsdp2_config.yaml);
   hook        the reference implementation's approach, written here as the baseline: a hook on every parameter
               that, on every micro-batch, copies two float32 reference gradients from CPU memory to the GPU,
               Gram-Schmidt-orthonormalises them and removes their span from the gradient;
@@ -534,7 +535,7 @@ def refresh_vs_training(backend, model, vocab, batches, targets, train_args, set
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# One model: single process (this process) and ZeRO-2 with one process (a torchrun worker)
+# One model: single process (this process); ZeRO-2 and FSDP2 with one process (workers)
 # ---------------------------------------------------------------------------------------------------------------
 
 def model_header(name, model):
@@ -575,36 +576,46 @@ def single_process(name, accelerator, train_args, bandwidth, settings, clock):
     return section
 
 
-def zero2_worker(settings):
-    """Run under torchrun with one process: ZeRO-2 steps through make_accelerator / make_backend, for one model."""
+WORKER_NAMES = {"zero2": "DeepSpeed ZeRO-2", "fsdp2": "FSDP2"}
+
+
+def engine_worker(settings):
+    """Run as a one-process worker (ZeRO-2 under torchrun, FSDP2 under `accelerate launch` with the stock FSDP2
+    config): steps through make_accelerator / make_backend, for one model."""
     (name,) = settings.models
     with tempfile.TemporaryDirectory() as output_dir:
-        train_args = training_args(settings, output_dir, ROOT / "accelerate_configs" / "ds_z2_config.json")
+        deepspeed = ROOT / "accelerate_configs" / "ds_z2_config.json" if settings.worker == "zero2" else None
+        train_args = training_args(settings, output_dir, deepspeed)
         accelerator = train_utils.make_accelerator(train_args)
         device = accelerator.device
         model, backend = prepared(name, accelerator, train_args, settings)
         batches, targets = training_batches(settings, MODELS[name]["vocab_size"], device,
                                             torch.Generator().manual_seed(settings.seed))
-        log(f"{name}: optimizer steps, DeepSpeed ZeRO-2 with one process")
+        log(f"{name}: optimizer steps, {WORKER_NAMES[settings.worker]} with one process")
         section = time_steps(backend, model, batches, targets, settings, Clock(device), device, hook_baseline=False)
     checkpoint.write_json(settings.worker_output, section)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
 
-def run_zero2_worker(name, settings):
-    """This script under `torchrun --nproc_per_node 1 ... --worker zero2`; returns its section (or the error)."""
+def run_engine_worker(engine, name, settings):
+    """This script as a one-process `--worker ENGINE` (ZeRO-2: torchrun; FSDP2: accelerate launch with the stock
+    FSDP2 config, in the precision the benchmark runs); returns its section (or the error)."""
     with tempfile.TemporaryDirectory() as folder:
-        output = Path(folder, "zero2.json")
+        output = Path(folder, f"{engine}.json")
         with socket.socket() as probe:  # a free port for the worker's process group
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(port),
-                   str(Path(__file__).resolve()), "--worker", "zero2", "--worker_output", str(output),
-                   *forwarded_flags(settings, name)]
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port",
+                    str(port)] if engine == "zero2" else \
+            [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+             str(ROOT / "accelerate_configs" / "fsdp2_config.yaml"), "--num_processes", "1", "--main_process_port",
+             str(port), "--mixed_precision", "no" if settings.cpu else "bf16"]
+        command = launcher + [str(Path(__file__).resolve()), "--worker", engine, "--worker_output", str(output),
+                              *forwarded_flags(settings, name)]
         returncode = subprocess.run(command, cwd=ROOT).returncode
         if returncode != 0:
-            return {"error": f"ZeRO-2 worker exited with code {returncode} (its output is above)"}
+            return {"error": f"{WORKER_NAMES[engine]} worker exited with code {returncode} (its output is above)"}
         return json.loads(output.read_text())
 
 
@@ -645,7 +656,7 @@ def evaluate_targets(models, timed):
                      "limit": limit, "kind": kind, "met": met})
 
     for model, section in models.items():
-        for backend in ("single", "zero2"):
+        for backend in ("single", *WORKER_NAMES):
             for variant in section.get(backend, {}).get("variants", []):
                 if not variant["update"]:  # the step projection's cost is measured, with no target
                     add("step_ratio", model, backend, variant_name(variant), variant.get("step_ratio"))
@@ -672,7 +683,7 @@ def markdown(results):
              "| model | backend | variant | step ms | plain ms | ratio | tokens/s | projection ms | extra GiB "
              "| expected GiB |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for model, section in results["models"].items():
-        for backend in ("single", "zero2"):
+        for backend in ("single", *WORKER_NAMES):
             part = section.get(backend, {})
             if "error" in part:
                 lines.append(f"| {model} | {backend} | {part['error']} |")
@@ -751,8 +762,9 @@ def parse_settings(argv=None):
     parser.add_argument("--output", help="JSON file (default: bench/results/perf-<gpu name>.json; required with --cpu)")
     parser.add_argument("--models", help=f"comma-separated model shapes out of {', '.join(MODELS)} "
                                           f"(default {PRESETS['gpu']['models']}; --cpu: tiny)")
-    parser.add_argument("--backends", default="single,zero2",
-                        help="single (this process, Accelerate) and/or zero2 (DeepSpeed ZeRO-2, one torchrun process)")
+    parser.add_argument("--backends", default="single,zero2,fsdp2",
+                        help="single (this process, Accelerate), zero2 (DeepSpeed ZeRO-2, one torchrun process) "
+                             "and/or fsdp2 (FSDP2, one process launched with accelerate_configs/fsdp2_config.yaml)")
     parser.add_argument("--variants", type=parse_variants, default=DEFAULT_VARIANTS,
                         help=f"OGPSA variants timed against plain steps: SCOPE:K:DTYPE,... (default "
                              f"{DEFAULT_VARIANTS})")
@@ -767,7 +779,8 @@ def parse_settings(argv=None):
         parser.add_argument(f"--{key}", type=int,
                             help=f"{text} (default {PRESETS['gpu'][key]}; --cpu: {PRESETS['cpu'][key]})")
     parser.add_argument("--seed", type=int, default=0, help="seed for weights, tokens and directions")
-    parser.add_argument("--worker", choices=["zero2"], help="internal: run as the ZeRO-2 worker (launched by perf.py)")
+    parser.add_argument("--worker", choices=list(WORKER_NAMES),
+                        help="internal: run as the ZeRO-2 or FSDP2 worker (launched by perf.py)")
     parser.add_argument("--worker_output", help="internal: where the worker writes its JSON section")
     settings = parser.parse_args(argv)
     for key, value in PRESETS["cpu" if settings.cpu else "gpu"].items():
@@ -775,8 +788,8 @@ def parse_settings(argv=None):
             setattr(settings, key, value)
     settings.models = settings.models.split(",")
     settings.backends = settings.backends.split(",")
-    if not set(settings.models) <= set(MODELS) or not set(settings.backends) <= {"single", "zero2"}:
-        parser.error(f"--models takes {', '.join(MODELS)}; --backends takes single, zero2")
+    if not set(settings.models) <= set(MODELS) or not set(settings.backends) <= {"single", *WORKER_NAMES}:
+        parser.error(f"--models takes {', '.join(MODELS)}; --backends takes single, {', '.join(WORKER_NAMES)}")
     if settings.cpu and not settings.output and not settings.worker:
         parser.error("--cpu needs --output: its figures are not results for bench/results")
     if settings.worker and not settings.worker_output:
@@ -795,12 +808,12 @@ def main():
     elif not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU: run with --cpu for the (untimed) check that the benchmark runs")
     if settings.worker:
-        zero2_worker(settings)
+        engine_worker(settings)
         return
     started = time.perf_counter()
     # The workers first, while this process holds no GPU memory.
-    zero2 = {name: run_zero2_worker(name, settings) for name in settings.models} if "zero2" in settings.backends \
-        else {}
+    workers = {(engine, name): run_engine_worker(engine, name, settings) for engine in WORKER_NAMES
+               if engine in settings.backends for name in settings.models}
     device = torch.device("cpu" if settings.cpu else "cuda")
     clock = Clock(device)
     results = {"benchmark": "OGPSA vs plain training: steps, projection, memory, refresh", "timed": not settings.cpu,
@@ -817,8 +830,7 @@ def main():
         for name in settings.models:
             section = single_process(name, accelerator, train_args, results["copy_bandwidth"], settings, clock) \
                 if "single" in settings.backends else {}
-            if name in zero2:
-                section["zero2"] = zero2[name]
+            section.update({engine: part for (engine, model), part in workers.items() if model == name})
             results["models"][name] = section
     results["targets"] = evaluate_targets(results["models"], results["timed"])
     verdicts = [row["met"] for row in results["targets"] if row["met"] is not None]

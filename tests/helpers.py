@@ -83,9 +83,10 @@ def relative_error(actual, expected):
     return ((actual.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-30)).item()
 
 
-def run_script(script, args, nproc=1, expect_ok=True, timeout=600, launcher=None, config_file=None):
+def run_script(script, args, nproc=1, expect_ok=True, timeout=600, launcher=None, config_file=None, launch_args=()):
     """Run a script with python (nproc 1), torchrun (nproc > 1, or launcher="torchrun"), or `accelerate launch`
-    (launcher="accelerate", with an optional --config_file); returns the completed process."""
+    (launcher="accelerate", with an optional --config_file and `launch_args` for accelerate launch itself); returns
+    the completed process."""
     import os
     import subprocess
     import sys
@@ -98,7 +99,8 @@ def run_script(script, args, nproc=1, expect_ok=True, timeout=600, launcher=None
     port = str(29500 + os.getpid() % 1000)
     if launcher == "accelerate":
         launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(nproc),
-                    "--main_process_port", port] + (["--config_file", str(config_file)] if config_file else [])
+                    "--main_process_port", port] + (["--config_file", str(config_file)] if config_file else []) \
+            + list(launch_args)
     elif nproc == 1 and launcher != "torchrun":
         launcher = [sys.executable]
     else:
@@ -120,6 +122,7 @@ def load_weights(folder):
 
 
 def weights_relative_difference(a, b):
+    assert sorted(a) == sorted(b), f"the saved models hold different tensors: {sorted(set(a) ^ set(b))}"
     num = sum(((a[k].double() - b[k].double()) ** 2).sum() for k in a)
     den = sum((a[k].double() ** 2).sum() for k in a)
     return (num / den).sqrt().item()

@@ -41,6 +41,9 @@ ZERO = {"zero0": "ds_z0_config.json", "zero1": "ds_z1_config.json", "zero2": "ds
         "zero3": "ds_z3_config.json", "zero2_offload": "ds_z2_offload_config.json",
         "zero3_offload": "ds_z3_offload_config.json"}
 BACKENDS = {"ddp": [], **{name: ["--deepspeed", f"accelerate_configs/{file}"] for name, file in ZERO.items()}}
+# How run_script launches an FSDP2 run: LLaMA-Factory's fsdp2_config.yaml (tests/test_fsdp2.py), in float32.
+LAUNCH = {"fsdp2": dict(launcher="accelerate", config_file=CONFIGS / "fsdp2_config.yaml",
+                        launch_args=["--mixed_precision", "no"])}
 SCRIPTS = {"sft": ("train_sft_pg.py", sft_args), "dpo": ("train_dpo_pg.py", dpo_args)}
 MAX_COS = 1e-3
 
@@ -48,24 +51,6 @@ MAX_COS = 1e-3
 def test_configs_are_llama_factorys_stock_files():
     for name, digest in STOCK_SHA256.items():
         assert hashlib.sha256((CONFIGS / name).read_bytes()).hexdigest() == digest, name
-
-
-@pytest.fixture(scope="module")
-def single_runs(tiny_model, tmp_path_factory):
-    """Single-process reference runs, one per (script, scope, batch size), made on first use."""
-    cache = {}
-
-    def get(script, scope, batch_size=4, project_update=False):
-        key = script, scope, batch_size, project_update
-        if key not in cache:
-            out = tmp_path_factory.mktemp(f"single-{script}-{scope}-{batch_size}-{project_update}")
-            path, make_args = SCRIPTS[script]
-            run_script(path, make_args(tiny_model, out, base_scope=scope, per_device_train_batch_size=batch_size,
-                                       max_steps=4, base_project_update=project_update))
-            cache[key] = out
-        return cache[key]
-
-    return get
 
 
 TWO_PROCESS_RUNS = [(backend, "sft") for backend in BACKENDS] + \
@@ -258,7 +243,8 @@ def plain_step(tiny_model, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("backend", ["single", "ddp", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload"])
+@pytest.mark.parametrize("backend", ["single", "ddp", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload",
+                                     "fsdp2"])
 def test_clipping_sees_the_projected_gradient(tiny_model, tmp_path, plain_step, backend):
     """threshold + base_scale 0.1 with the reference set equal to the batch: g' = 0.1 g, 10x below its norm.
 
@@ -270,7 +256,8 @@ def test_clipping_sees_the_projected_gradient(tiny_model, tmp_path, plain_step, 
     nproc = 1 if backend == "single" else 2
     run_script("train_sft_pg.py", sft_args(tiny_model, tmp_path, base_method="threshold", base_scale=0.1,
                                            max_grad_norm=0.3 * plain_norm, per_device_train_batch_size=16 // nproc,
-                                           **CLIP_RUN) + BACKENDS.get(backend, []), nproc=nproc)
+                                           **CLIP_RUN) + BACKENDS.get(backend, []), nproc=nproc,
+               **LAUNCH.get(backend, {}))
     record = read_log(tmp_path)[0]
     assert record["grad_norm_projected"] == pytest.approx(0.1 * record["grad_norm"], rel=1e-4)
     plain, ogpsa = load_weights(plain_step), load_weights(tmp_path)

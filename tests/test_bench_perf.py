@@ -18,10 +18,11 @@ def test_cpu_check_writes_every_section(tmp_path):
     assert results["copy_bandwidth"]["bytes_per_s"] > 0
     tiny = results["models"]["tiny"]
     entries = tiny["single"]["gradient_entries"]
-    assert entries == tiny["num_params"] == tiny["zero2"]["gradient_entries"]
+    assert entries == tiny["num_params"] == tiny["zero2"]["gradient_entries"] == tiny["fsdp2"]["gradient_entries"]
 
-    # Steps: every variant, single process and ZeRO-2 (one process), plus the hook baseline; no GPU memory on a CPU.
-    for backend in ("single", "zero2"):
+    # Steps: every variant, single process, ZeRO-2 and FSDP2 (one process each), plus the hook baseline; no GPU
+    # memory on a CPU.
+    for backend in ("single", "zero2", "fsdp2"):
         variants = tiny[backend]["variants"]
         assert [(v["scope"], v["k"], v["dtype"], v["update"]) for v in variants] == \
             [("per_param", 2, "float32", False), ("global", 2, "float32", False), ("global", 8, "bfloat16", False),
@@ -30,7 +31,7 @@ def test_cpu_check_writes_every_section(tmp_path):
             assert set(VARIANT_FIELDS) <= set(v) and "skipped" not in v
             assert v["step_s"] > 0 and v["plain_step_s"] > 0 and v["projection_s"] > 0
             assert v["peak_memory_bytes"] is None and v["memory_ratio"] is None
-            snapshot = entries * 4 if v["update"] else 0  # float32 weights (single) or master partition (ZeRO)
+            snapshot = entries * 4 if v["update"] else 0  # float32 weights (single, FSDP2 shards) or ZeRO's masters
             assert v["expected_extra_bytes"] == v["k"] * entries * (4 if v["dtype"] == "float32" else 2) + snapshot
         assert tiny[backend]["plain_peak_memory_bytes"] is None
     hook = tiny["single"]["hook_baseline"]

@@ -5,6 +5,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import float32_rtol, relative_error, run_script
+from test_backends import LAUNCH
 
 
 def gathered(folder, nproc, key):
@@ -65,11 +66,12 @@ def test_collection_is_the_mean_token_gradient_of_each_chunk(single, tiny_model)
     assert relative_error(directions, torch.stack(expected)) < float32_rtol(4096)
 
 
-@pytest.mark.parametrize("backend", ["ddp", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload"])
+@pytest.mark.parametrize("backend", ["ddp", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload", "fsdp2"])
 def test_two_processes_collect_what_one_does(single, tiny_model, tmp_path, backend):
     """Also the leak test: the training gradient after collection is bit-for-bit the one before it."""
-    extra = [] if backend == "ddp" else ["--deepspeed", f"accelerate_configs/ds_z{backend[4:]}_config.json"]
-    run_script("tests/workers/collection_worker.py", [tmp_path, tiny_model, *extra], nproc=2)
+    extra = [] if backend in ("ddp", "fsdp2") else ["--deepspeed", f"accelerate_configs/ds_z{backend[4:]}_config.json"]
+    run_script("tests/workers/collection_worker.py", [tmp_path, tiny_model, *extra], nproc=2,
+               **LAUNCH.get(backend, {}))
     one, _ = gathered(single, 1, "directions")
     two, parts = gathered(tmp_path, 2, "directions")
     check_invariants(parts)

@@ -1,6 +1,6 @@
-"""LoRA (--finetuning_type lora, on peft): OGPSA over the adapters only; one process against DDP, ZeRO-2 and ZeRO-3
-(LLaMA-Factory's stock DeepSpeed files) with 2 processes; DPO's disabled-adapter reference; resume; the saved
-adapter and the merged export; the LoRA flags.
+"""LoRA (--finetuning_type lora, on peft): OGPSA over the adapters only; one process against DDP, ZeRO-2, ZeRO-3 and
+FSDP2 (LLaMA-Factory's stock DeepSpeed and FSDP2 files; FSDP2 launched in float32) with 2 processes; DPO's
+disabled-adapter reference; resume; the saved adapter and the merged export; the LoRA flags.
 
 Tolerances. Distributed runs and resumed runs compute the same function as one uninterrupted process, with float32
 sums grouped differently: helpers.WEIGHTS_RTOL (1e-5), applied to the A and the B matrices separately, so that B
@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from helpers import WEIGHTS_RTOL, read_log, run_script, weights_relative_difference
 from run_guard import UserError
-from test_backends import BACKENDS
+from test_backends import BACKENDS, LAUNCH
 from test_dpo import dpo_args
 from test_sft_e2e import sft_args
 from train_utils import build_parser, check_args
@@ -64,7 +64,7 @@ def lora_runs(tiny_model, tmp_path_factory):
                                  base_method=method, per_device_train_batch_size=4 if single else 2,
                                  export_merged=single)
             cache[key] = out, run_script(SCRIPTS[script][0], args + BACKENDS.get(backend, []),
-                                         nproc=1 if single else 2)
+                                         nproc=1 if single else 2, **LAUNCH.get(backend, {}))
         return cache[key]
 
     return get
@@ -73,7 +73,8 @@ def lora_runs(tiny_model, tmp_path_factory):
 PROJECTION = "orthogonal_projection"
 DISTRIBUTED = [("ddp", "sft", "per_param", False, "threshold"), ("zero2", "sft", "global", True, PROJECTION),
                ("zero3", "sft", "per_param", True, PROJECTION), ("zero2", "dpo", "per_param", False, PROJECTION),
-               ("zero3", "dpo", "global", True, PROJECTION)]
+               ("zero3", "dpo", "global", True, PROJECTION), ("fsdp2", "sft", "per_param", True, PROJECTION),
+               ("fsdp2", "dpo", "global", True, PROJECTION)]
 
 
 @pytest.mark.parametrize("backend, script, scope, project_update, method", DISTRIBUTED)

@@ -1,10 +1,11 @@
-"""Run train_sft_pg.py under ZeRO-1/2 with a deliberately wrong gradient-slice mapping: the guard must stop it.
+"""Run train_sft_pg.py with a deliberately wrong gradient-slice mapping: the guard must stop it.
 
     torchrun --nproc_per_node 2 tests/workers/sabotage_worker.py MODE [train_sft_pg.py flags]
 
-MODE hp_mapping: the mapping this project used before (DeepSpeed's per-parameter `_hp_mapping` fragments), which
-is wrong under round_robin_gradients. MODE swapped: the right mapping with two parameters of equal size swapped, a
-wrong map whose edited memory is still exactly what DeepSpeed steps with (only the master-value check sees it).
+MODE hp_mapping (ZeRO-1/2): the mapping this project used before (DeepSpeed's per-parameter `_hp_mapping`
+fragments), which is wrong under round_robin_gradients. MODE swapped (ZeRO-1/2) and fsdp2_swapped (FSDP2, launched
+with an FSDP2 config): the right mapping with two parameters of equal size swapped, a wrong map whose edited memory
+is still exactly what the optimizer steps with (only the check of the map itself sees it).
 """
 
 import sys
@@ -45,7 +46,20 @@ class SwappedSlice(backends.ZeroGradSlice):
         self.segments[second] = ogpsa_core.Segment(a.param_index, b.start, b.length, b.param_start)
 
 
+class Fsdp2SwappedSlice(backends.Fsdp2GradSlice):
+    def __init__(self, params, param_names):
+        super().__init__(params, param_names)
+        first, second = next((i, j) for i, a in enumerate(self.segments) for j, b in enumerate(self.segments)
+                             if i < j and a.length == b.length)
+        a, b = self.segments[first], self.segments[second]
+        self.segments[first] = ogpsa_core.Segment(b.param_index, a.start, a.length, a.param_start)
+        self.segments[second] = ogpsa_core.Segment(a.param_index, b.start, b.length, b.param_start)
+
+
 if __name__ == "__main__":
     mode = sys.argv.pop(1)
-    backends.ZeroGradSlice = {"hp_mapping": HpMappingSlice, "swapped": SwappedSlice}[mode]
+    if mode == "fsdp2_swapped":
+        backends.Fsdp2GradSlice = Fsdp2SwappedSlice
+    else:
+        backends.ZeroGradSlice = {"hp_mapping": HpMappingSlice, "swapped": SwappedSlice}[mode]
     train_sft_pg.main()
