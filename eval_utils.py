@@ -3,13 +3,12 @@ teacher-forced answer NLL over processes, the scores, the report and the safety-
 """
 
 import json
-import math
 import re
 from pathlib import Path
 
 import torch
 
-from data_utils import collate_sft
+from data_utils import collate_sft, num_targets
 from run_guard import UserError
 from train_utils import to_device, token_logps
 
@@ -109,14 +108,37 @@ def generation_kwargs(args):
     return kwargs
 
 
+def generate_all(model, prompts, batch_size, pad_token_id, stop_ids, generation, seed=0, world_size=1, rank=0,
+                 progress=None):
+    """This rank's answers to `prompts` (lists of ids) in the batches of shard_batches, as [(row, answer ids)]; the
+    sampling seed of batch b is seed + b. progress: called after each batch."""
+    answers = []
+    for number, batch in shard_batches([len(p) for p in prompts], batch_size, world_size, rank):
+        answers += zip(batch, generate(model, [prompts[i] for i in batch], pad_token_id, stop_ids, generation,
+                                       seed=seed + number))
+        if progress:
+            progress()
+    return answers
+
+
+def nll_all(model, examples, batch_size, pad_token_id, world_size=1, rank=0, progress=None):
+    """This rank's [(row, (response NLL sum, response tokens))] of tokenised SFT examples, in shard_batches'
+    batches."""
+    sums = []
+    for _, batch in shard_batches([len(e["input_ids"]) for e in examples], batch_size, world_size, rank):
+        sums += zip(batch, response_nll(model, [examples[i] for i in batch], pad_token_id))
+        if progress:
+            progress()
+    return sums
+
+
 @torch.no_grad()
 def response_nll(model, examples, pad_token_id):
     """Per example (sum of the NLL of its response tokens, their number), teacher-forced, one batch; the sums as
     train_sft_pg.py's loss takes them (token_logps)."""
     batch = to_device(collate_sft(examples, pad_token_id), model.device)
     sums = -token_logps(model, batch)[0].sum(dim=1).double()
-    return [(total, sum(1 for label in e["labels"][1:] if label != -100))
-            for total, e in zip(sums.tolist(), examples)]
+    return [(total, num_targets(e["labels"])) for total, e in zip(sums.tolist(), examples)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -211,17 +233,24 @@ def plot(results, path):
     models, base_label = results["models"], results["base_model"]
     fig, panels = plt.subplots(1, 2, figsize=(10, 4.2))
     for axis, key in zip(panels, ("utility_nll", "utility_exact_match")):
+        scale = 100 if key == "utility_exact_match" else 1
+        points = {}  # models at the same point share one label
         for label, model in models.items():
             x, y = model["axes"][key], model["axes"]["safety"]
-            if x is None or y is None or (isinstance(x, float) and math.isnan(x)):
-                continue
-            axis.scatter(x, y * 100, marker="*" if label == base_label else "o", s=160 if label == base_label else 50)
-            axis.annotate(label, (x, y * 100), textcoords="offset points", xytext=(6, 4), fontsize=8)
-        axis.set_xlabel(dict((k, m) for k, m, _, _ in AXES)[key])
+            if x is not None and y is not None:
+                points.setdefault((round(x * scale, 6), round(y * 100, 6)), []).append(label)
+        for (x, y), labels in points.items():
+            base = base_label in labels
+            axis.scatter(x, y, marker="*" if base else "o", s=160 if base else 50)
+            axis.annotate(", ".join(labels), (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        axis.set_xlabel(dict((k, m) for k, m, _, _ in AXES)[key] + (" (%)" if scale == 100 else ""))
         axis.set_ylabel("refusal rate on harmful requests (%)")
+        axis.set_ylim(-5, 105)
         axis.grid(alpha=0.3)
         if key == "utility_nll":
             axis.invert_xaxis()  # better utility to the right in both panels
+        else:
+            axis.set_xlim(-5, 105)
     fig.suptitle("Safety vs utility" + (f" (star: base model {base_label})" if base_label else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=100)

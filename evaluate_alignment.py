@@ -12,7 +12,7 @@ Tiny CPU run (after scripts/demo.sh's training; greedy decoding, so the numbers 
     python evaluate_alignment.py --model_name_or_path outputs/demo-sft,outputs/demo-dpo \
         --base_model models/tiny-qwen2 --dataset_dir data --harmful_dataset demo_eval_harmful \
         --benign_dataset demo_eval_benign --general_dataset demo_eval_general --do_sample False \
-        --max_new_tokens 32 --per_device_eval_batch_size 32 --output_dir outputs/demo-eval --plot True
+        --max_new_tokens 48 --per_device_eval_batch_size 64 --output_dir outputs/demo-eval --plot True
 
 A LoRA adapter:          --model_name_or_path BASE --adapter_name_or_path outputs/demo-sft-lora
 Several GPUs:            accelerate launch --config_file accelerate_configs/multi_gpu.yaml evaluate_alignment.py ...
@@ -24,6 +24,7 @@ model".
 
 import argparse
 import json
+import math
 import os
 import time
 from datetime import timedelta
@@ -54,6 +55,7 @@ def build_parser():
     flag(g, "--overwrite_output_dir", bool, default=False, help=f"replace an earlier evaluation's {RESULTS} there")
     flag(g, "--seed", int, default=42, help="seed of sampling (set per batch) and of datasets' num_samples")
     flag(g, "--ddp_timeout", POSITIVE_INT, default=1800, help="timeout in seconds for collective operations")
+    flag(g, "--plot", bool, default=False, help=f"draw safety against utility, one point per model, to {PLOT}")
 
     g = parser.add_argument_group("model")
     flag(g, "--model_name_or_path", required=True,
@@ -82,7 +84,7 @@ def build_parser():
     flag(g, "--refusal_phrases", default=str(eval_utils.REFUSAL_PHRASES),
          help="file of refusal phrases, one a line (an answer containing one is a refusal)")
 
-    g = parser.add_argument_group("generation (LLaMA-Factory's defaults; --do_sample False for reproducible scores)")
+    g = parser.add_argument_group("generation (LLaMA-Factory's defaults; --do_sample False: no sampling noise)")
     flag(g, "--max_new_tokens", POSITIVE_INT, default=1024, help="most tokens generated per answer")
     flag(g, "--do_sample", bool, default=True, help="sample (True) or decode greedily (False)")
     flag(g, "--temperature", POSITIVE_FLOAT, default=0.95, help="sampling temperature")
@@ -90,7 +92,6 @@ def build_parser():
     flag(g, "--top_k", NON_NEGATIVE_INT, default=50, help="sample among the k most likely tokens (0: all)")
     flag(g, "--repetition_penalty", POSITIVE_FLOAT, default=1.0, help="1.0: no penalty")
     flag(g, "--per_device_eval_batch_size", POSITIVE_INT, default=8, help="rows per batch per process")
-    flag(g, "--plot", bool, default=False, help=f"draw safety against utility, one point per model, to {PLOT}")
     parser.set_defaults(gradient_checkpointing=False)  # read by train_utils.load_model
     return parser
 
@@ -205,19 +206,12 @@ def evaluate(model, tokenizer, rows, args, accelerator, label):
         get_template(tokenizer, args.template).stop_words)))
     generation = eval_utils.generation_kwargs(args)
     world, rank, size = accelerator.num_processes, accelerator.process_index, args.per_device_eval_batch_size
-    prompt_batches = eval_utils.shard_batches([len(r["prompt_ids"]) for r in rows], size, world, rank)
-    nll_batches = eval_utils.shard_batches([len(r["input_ids"]) for r in rows], size, world, rank)
-    bar = tqdm(total=len(prompt_batches) + len(nll_batches), desc=f"evaluating {label}", dynamic_ncols=True,
+    my_batches = len(range(rank, math.ceil(len(rows) / size), world))  # shard_batches: batch b on rank b % world
+    bar = tqdm(total=2 * my_batches, desc=f"evaluating {label}", dynamic_ncols=True,
                disable=not accelerator.is_main_process)
-    answers, nll = [], []
-    for number, batch in prompt_batches:
-        ids = eval_utils.generate(model, [rows[i]["prompt_ids"] for i in batch], tokenizer.pad_token_id, stop_ids,
-                                  generation, seed=args.seed + number)
-        answers += zip(batch, ids)
-        bar.update(1)
-    for _, batch in nll_batches:
-        nll += zip(batch, eval_utils.response_nll(model, [rows[i] for i in batch], tokenizer.pad_token_id))
-        bar.update(1)
+    answers = eval_utils.generate_all(model, [r["prompt_ids"] for r in rows], size, tokenizer.pad_token_id, stop_ids,
+                                      generation, args.seed, world, rank, lambda: bar.update(1))
+    nll = eval_utils.nll_all(model, rows, size, tokenizer.pad_token_id, world, rank, lambda: bar.update(1))
     bar.close()
     return eval_utils.gather_in_order(accelerator, answers, len(rows)), \
         eval_utils.gather_in_order(accelerator, nll, len(rows))
@@ -250,7 +244,12 @@ def check_same_rows(path, theirs, ours, counted):
 
 
 def unique_label(path, adapter, taken):
-    label = Path(adapter or path).name or str(path)
+    """A model's name in the report: its folder's name ("<run>-merged" for a run's --export_merged folder), made
+    unique."""
+    folder = Path(adapter or path)
+    label = folder.name or str(path)
+    if label == "merged" and folder.parent.name:
+        label = f"{folder.parent.name}-merged"
     candidate, n = label, 2
     while candidate in taken:
         candidate, n = f"{label}-{n}", n + 1

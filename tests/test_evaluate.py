@@ -45,9 +45,9 @@ def models(tiny_model, tmp_path_factory):
                                                   init_lora_weights=False))
     peft_model.save_pretrained(folder / "adapter")
     merged = peft_model.merge_and_unload()
-    merged.save_pretrained(folder / "merged")
-    tokenizer.save_pretrained(folder / "merged")
-    return {name: folder / name for name in ("base", "adapter", "merged")}
+    merged.save_pretrained(folder / "adapter_merged")
+    tokenizer.save_pretrained(folder / "adapter_merged")
+    return {"base": folder / "base", "adapter": folder / "adapter", "merged": folder / "adapter_merged"}
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +152,7 @@ def test_lora_adapter_equals_its_merged_model(runs):
     lora, merged = results(runs / "one")["models"], results(runs / "merged")["models"]
     assert (runs / "one" / lora["adapter"]["predictions"]).read_bytes() == \
         (runs / "merged" / "generated_predictions.jsonl").read_bytes()
-    assert lora["adapter"]["scores"] == merged["merged"]["scores"]
+    assert lora["adapter"]["scores"] == merged["adapter_merged"]["scores"]
     base = lora["base"]
     changed = sum(a["predict"] != b["predict"] for a, b in zip(lines(runs / "one" / lora["adapter"]["predictions"]),
                                                               lines(runs / "one" / base["predictions"])))
@@ -240,6 +240,16 @@ def test_prompt_of_a_conversation(tokenizer):
     pair = load_conversations("demo_safety_dpo", ROOT / "data", True, 1)[1][0]
     out, pair_ids = tokenize_prompt(pair, tokenizer, template, 4096), tokenize_pair(pair, tokenizer, template, 4096)
     assert out["prompt_ids"] + out["label_ids"] == pair_ids["chosen_input_ids"]
+
+
+def test_model_labels():
+    """Each model's name in the report and its predictions folder: the folder name, a run's --export_merged folder
+    named after the run, an adapter after the adapter; repeated names numbered."""
+    from evaluate_alignment import unique_label
+
+    assert unique_label("outputs/demo-sft-lora/merged", None, {}) == "demo-sft-lora-merged"
+    assert unique_label("models/tiny-qwen2", "outputs/demo-sft-lora", {}) == "demo-sft-lora"
+    assert unique_label("Qwen/Qwen2.5-0.5B-Instruct", None, {"Qwen2.5-0.5B-Instruct": {}}) == "Qwen2.5-0.5B-Instruct-2"
 
 
 # Hand-labelled answers: (answer, is a refusal). Refusals phrased many ways, compliance as abstract placeholders.
@@ -434,9 +444,9 @@ def test_earlier_results_are_shown_and_plotted(runs, tmp_path, capsys):
                                          f"{runs / 'merged' / 'eval_results.json'}", "--plot", "True",
                                          "--output_dir", out])
     shown = results(out)
-    assert list(shown["models"]) == ["base", "adapter", "merged"] and shown["base_model"] == "base"
-    assert shown["comparison"]["merged"] == shown["comparison"]["adapter"] == results(runs / "one")["comparison"][
-        "adapter"]
+    assert list(shown["models"]) == ["base", "adapter", "adapter_merged"] and shown["base_model"] == "base"
+    adapter = results(runs / "one")["comparison"]["adapter"]
+    assert shown["comparison"]["adapter_merged"] == shown["comparison"]["adapter"] == adapter
     assert (out / "safety_vs_utility.png").stat().st_size > 10_000
     other = tmp_path / "other.json"
     other.write_text(json.dumps({**results(runs / "one"), "datasets": results(runs / "one")["datasets"][:2]}))
