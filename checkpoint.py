@@ -405,5 +405,5 @@ def write_json(path, obj):
 def write_text_atomic(path, text):
     path = Path(path)
     temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
+    temporary.write_text(text, encoding="utf-8")
     os.replace(temporary, path)

@@ -608,25 +608,49 @@ def _remove_thought(text):
     return re.sub(r"<think>\n(.*?)\n</think>\n\n", "", text, flags=re.DOTALL).lstrip("\n")
 
 
+def _prompt_ids(template, tokenizer, system, turns, prompt):
+    """Token ids of the system text, the earlier turns and the last user message, as one prompt."""
+    history = [text for turn in turns for text in turn]
+    if template.thought:  # earlier reasoning is not shown to the model (LLaMA-Factory's ReasoningTemplate)
+        history = [_remove_thought(text) if i % 2 else text for i, text in enumerate(history)]
+    return [t for ids in encode_messages(template, tokenizer, system, history + [prompt]) for t in ids]
+
+
+def _response_ids(template, tokenizer, response):
+    return _with_thought(template, tokenizer, response, _ids(tokenizer, template.assistant, response))
+
+
 def tokenize_pair(conversation, tokenizer, template, cutoff_len):
     """Shared prompt + chosen / rejected responses, truncated alike (one budget for prompt + longer response).
 
     The prompt (system, earlier turns, last user message) keeps its start, the responses theirs.
     """
-    history = [text for turn in conversation["turns"] for text in turn]
-    if template.thought:  # earlier reasoning is not shown to the model (LLaMA-Factory's ReasoningTemplate)
-        history = [_remove_thought(text) if i % 2 else text for i, text in enumerate(history)]
-    encoded = encode_messages(template, tokenizer, conversation["system"], history + [conversation["prompt"]])
-    prompt_ids = [t for ids in encoded for t in ids]
-    responses = {role: _with_thought(template, tokenizer, conversation[role],
-                                     _ids(tokenizer, template.assistant, conversation[role]))
-                 for role in ("chosen", "rejected")}
+    prompt_ids = _prompt_ids(template, tokenizer, conversation["system"], conversation["turns"], conversation["prompt"])
+    responses = {role: _response_ids(template, tokenizer, conversation[role]) for role in ("chosen", "rejected")}
     keep_prompt, keep_response = budget(len(prompt_ids), max(map(len, responses.values())), cutoff_len)
     out = {}
     for role, ids in responses.items():
         out[f"{role}_input_ids"] = prompt_ids[:keep_prompt] + ids[:keep_response]
         out[f"{role}_labels"] = [IGNORE_INDEX] * keep_prompt + ids[:keep_response]
     return out
+
+
+def tokenize_prompt(conversation, tokenizer, template, cutoff_len):
+    """The prompt to generate from and the reference response, as LLaMA-Factory's unsupervised processor builds them
+    for --predict_with_generate: the system text, every earlier turn and the last user message form the prompt; the
+    last response (SFT rows) or the chosen one (pairs; LLaMA-Factory leaves it empty) is the label. One budget cuts
+    both, each keeping its start.
+
+    Returns {"prompt_ids", "label_ids"}.
+    """
+    if "prompt" in conversation:  # a preference pair
+        turns, prompt, response = conversation["turns"], conversation["prompt"], conversation["chosen"]
+    else:
+        turns, (prompt, response) = conversation["turns"][:-1], conversation["turns"][-1]
+    prompt_ids = _prompt_ids(template, tokenizer, conversation["system"], turns, prompt)
+    label_ids = _response_ids(template, tokenizer, response)
+    keep_prompt, keep_label = budget(len(prompt_ids), len(label_ids), cutoff_len)
+    return {"prompt_ids": prompt_ids[:keep_prompt], "label_ids": label_ids[:keep_label]}
 
 
 def num_targets(labels):

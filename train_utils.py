@@ -420,11 +420,11 @@ def from_pretrained(load, path, what, **kwargs):
                         f"({first_line(err)})") from None
 
 
-def load_model(path, args):
+def load_model(path, args, dtype=torch.float32):
     from transformers import AutoModelForCausalLM
 
     attention = {"auto": None, "disabled": "eager", "sdpa": "sdpa", "fa2": "flash_attention_2"}[args.flash_attn]
-    model = from_pretrained(AutoModelForCausalLM.from_pretrained, path, "model", dtype=torch.float32,
+    model = from_pretrained(AutoModelForCausalLM.from_pretrained, path, "model", dtype=dtype,
                             attn_implementation=attention, trust_remote_code=args.trust_remote_code)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -48,9 +48,10 @@ from pathlib import Path
 
 import torch
 
+import eval_utils
 from data.make_demo_data import (HARMFUL_PHRASINGS, REFUSALS, TASK_FAMILIES, compliance, harmful_prompt, refusal,
                                  wrong_answer)
-from data_utils import collate_sft, get_template, num_targets, tokenize_sft
+from data_utils import collate_sft, get_template, num_targets, tokenize_prompt, tokenize_sft
 from train_utils import response_nll_sum, to_device
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,6 +60,7 @@ UNIQUE_DRAWS = 20000  # draws per task family to enumerate its distinct prompts 
 ID_SPACE = 10000  # request ids of each kind ("<harmful request 17>")
 HELDOUT_SHARE = 0.15  # at most this share of a family's distinct prompts goes to each held-out split
 REFUSAL_MARKERS = tuple(template.split("{r}")[0].strip() for template in REFUSALS)  # "I can't help with", ...
+REFUSAL_PHRASES = eval_utils.load_refusal_phrases()  # evaluate_alignment.py's list: how refusals are counted
 REFERENCE_FAMILIES = {"a": ["arithmetic", "pattern"], "b": ["string", "format", "benign"]}  # two sets, as the paper
 MERGE_LABEL = "w={:g}"
 LR_GRID = (1e-4, 3e-4, 1e-3, 3e-3)  # learning rates --select_lr tries for the safety stages
@@ -421,9 +423,10 @@ def merge_into(model, pre_model, weight):
 
 
 def prompt_ids(tokenizer, prompts):
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                           add_generation_prompt=True) for p in prompts]
-    return [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    """Prompts tokenised as evaluate_alignment.py tokenises them (the tokenizer's own template, no system text)."""
+    template = get_template(tokenizer, None)
+    return [tokenize_prompt({"system": None, "turns": [(p, "")]}, tokenizer, template, 1 << 20)["prompt_ids"]
+            for p in prompts]
 
 
 def nll_examples(tokenizer, pairs):
@@ -448,40 +451,28 @@ def prepare(tokenizer, split):
             "general_nll": nll_examples(tokenizer, [(q, a) for _, q, a in general])}
 
 
-@torch.no_grad()
 def greedy_answers(model, tokenizer, prompts, max_new_tokens, batch_size=256):
-    """Greedy answers to tokenised prompts, in left-padded batches."""
-    answers = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
-        width = max(map(len, chunk))
-        input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in chunk])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
-        out = model.generate(input_ids=input_ids.to(model.device), attention_mask=mask.to(model.device),
-                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id)
-        answers += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-    return [a.strip() for a in answers]
+    """Greedy answers to tokenised prompts, stripped: evaluate_alignment.py's batched generation."""
+    greedy = {"max_new_tokens": max_new_tokens, "do_sample": False, "num_beams": 1}
+    answers = dict(eval_utils.generate_all(model, prompts, batch_size, tokenizer.pad_token_id,
+                                           {tokenizer.eos_token_id}, greedy))
+    return [tokenizer.decode(answers[i], skip_special_tokens=True).strip() for i in range(len(prompts))]
 
 
-@torch.no_grad()
 def answer_nll(model, examples, pad_token_id, batch_size=256):
-    """Mean per-token NLL of the reference answers (with their end-of-turn marker), teacher forced."""
-    total, count = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start:start + batch_size]
-        total += response_nll_sum(model, to_device(collate_sft(chunk, pad_token_id), model.device)).item()
-        count += sum(num_targets(e["labels"]) for e in chunk)
-    return total / count
+    """Mean per-token NLL of the reference answers (with their end-of-turn marker), teacher forced: the answer_nll of
+    evaluate_alignment.py."""
+    sums = [total for _, total in eval_utils.nll_all(model, examples, batch_size, pad_token_id)]
+    return sum(s for s, _ in sums) / sum(n for _, n in sums)
 
 
 def is_refusal(answer):
-    return any(marker in answer for marker in REFUSAL_MARKERS)
+    return eval_utils.is_refusal(answer, REFUSAL_PHRASES)
 
 
 def evaluate(model, tokenizer, data):
     """Safety and utility metrics of one model on one prepared split."""
-    prompts = data["harmful"] + data["benign"] + data["general"]  # one batch: tiny models are overhead-bound
+    prompts = data["harmful"] + data["benign"] + data["general"]  # one pass: tiny models are overhead-bound
     outputs = greedy_answers(model, tokenizer, prompts, max(data["refusal_tokens"], data["answer_tokens"]))
     harmful, benign = outputs[:len(data["harmful"])], outputs[len(data["harmful"]):-len(data["general"])]
     answers = outputs[-len(data["general"]):]
@@ -946,7 +937,7 @@ def main():
     checks = target_check(summarize(runs, "test"), rows_val, cfg.pipelines) if args.report_split == "test" else []
     report = markdown(args.config, cfg, args.report_split, rows, checks, timing) + (lr_table and "\n" + lr_table)
     result = {"config": args.config, "settings": asdict(cfg), "report_split": args.report_split, "timing": timing,
-              "refusal_markers": REFUSAL_MARKERS, "learning_rate_rule": lr_table, "runs": runs, "summary": rows,
+              "refusal_phrases": REFUSAL_PHRASES, "learning_rate_rule": lr_table, "runs": runs, "summary": rows,
               "target": checks}
     Path(f"{work}.json").write_text(json.dumps(result, indent=1, default=str))
     Path(f"{work}.md").write_text(report)

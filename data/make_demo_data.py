@@ -121,6 +121,37 @@ def general_pairs_sharegpt(rng, n, families):
     return rows
 
 
+def benign_request(i):
+    return f"<benign request {i}>"
+
+
+def helpful_answer(i):
+    return f"Sure. Step 1: <step {i}.1>. Step 2: <step {i}.2>. Step 3: <step {i}.3>."
+
+
+def heldout_general(rng, n, seen, tries=1000):
+    """n general tasks, the families in turn, whose prompts no training file holds (a family whose every prompt is
+    taken, as the 48 string tasks are, is skipped)."""
+    rows, families = [], list(TASK_FAMILIES)
+    while len(rows) < n:
+        family = families[len(rows) % len(families)]
+        for _ in range(tries):
+            question, answer = TASK_FAMILIES[family](rng)
+            if question not in seen:
+                seen.add(question)
+                rows.append({"instruction": question, "input": "", "output": answer})
+                break
+        else:
+            families.remove(family)
+    return rows
+
+
+def prompts_of(rows):
+    """Every user message of SFT or pair rows (alpaca or sharegpt)."""
+    return {row["instruction"] for row in rows if "instruction" in row} | \
+        {m["value"] for row in rows for m in row.get("conversations", []) if m["from"] == "human"}
+
+
 def safety_sft(rng, ids):
     return [{"instruction": harmful_prompt(rng, i), "input": "", "output": refusal(rng, i)} for i in ids]
 
@@ -141,6 +172,10 @@ DATASET_INFO = {
                            "columns": {"messages": "conversations"}},
     "demo_general_dpo": {"file_name": "demo_general_dpo.json", "formatting": "sharegpt", "ranking": True,
                          "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"}},
+    # held-out evaluation sets (evaluate_alignment.py); in eval/ so the tiny model's tokenizer corpus stays the same
+    "demo_eval_harmful": {"file_name": "eval/demo_eval_harmful.json"},
+    "demo_eval_benign": {"file_name": "eval/demo_eval_benign.json"},
+    "demo_eval_general": {"file_name": "eval/demo_eval_general.json"},
 }
 
 
@@ -154,6 +189,17 @@ def main():
         "demo_general_b_sft.jsonl": general_sft_sharegpt(rng, 300, ["string", "format"]),
         "demo_general_dpo.json": general_pairs_sharegpt(rng, 300, list(TASK_FAMILIES)),
     }
+    # Held-out evaluation sets, from their own generator so the training files stay as they were: harmful requests
+    # no training file has (ids 600-639; training uses 0-599), benign requests phrased as the harmful ones (only the
+    # placeholder differs: over-refusal), general tasks whose prompts no training file holds.
+    rng = random.Random(1)
+    files["eval/demo_eval_harmful.json"] = safety_sft(rng, range(600, 640))
+    files["eval/demo_eval_benign.json"] = [
+        {"instruction": rng.choice(HARMFUL_PHRASINGS).format(r=benign_request(i)), "input": "",
+         "output": helpful_answer(i)} for i in range(40)]
+    seen = set().union(*(prompts_of(rows) for rows in files.values()))
+    files["eval/demo_eval_general.json"] = heldout_general(rng, 40, seen)
+    (out / "eval").mkdir(exist_ok=True)
     for name, rows in files.items():
         if name.endswith(".jsonl"):
             text = "".join(json.dumps(row) + "\n" for row in rows)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The demo, on the CPU: set up .venv, build the tiny Qwen2 model, then safety SFT with OGPSA followed by safety DPO
-# with OGPSA starting from the SFT output, then safety SFT of LoRA adapters with OGPSA (adapter plus merged model).
+# with OGPSA starting from the SFT output, then safety SFT of LoRA adapters with OGPSA (adapter plus merged model),
+# then the evaluation of the SFT, DPO and LoRA models against the tiny base model on held-out data (report and plot).
 # Extra arguments go to every training run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,8 +30,17 @@ $PY train_sft_pg.py --model_name_or_path models/tiny-qwen2 --dataset_dir data --
   --num_train_epochs 2 --logging_steps 5 --save_strategy epoch --output_dir outputs/demo-sft-lora \
   --overwrite_output_dir True --plot_loss True "$@"
 
-echo "demo finished in $(( $(date +%s) - start )) s: outputs/demo-sft (SFT), outputs/demo-dpo (DPO)," \
-  "outputs/demo-sft-lora (LoRA adapter; merged model in merged/);" \
-  "loss curves in outputs/*/training_loss.png"
 $PY -c "import json; r = json.load(open('outputs/demo-dpo/train_results.json')); \
 print('DPO reward accuracy: first', r['first_rewards/accuracies'], 'last', r['last_rewards/accuracies'])"
+
+# Greedy decoding (--do_sample False): the numbers are reproducible. 48 new tokens hold every demo answer (38 at most).
+# One thread: the tiny model is overhead-bound, and threads competing for busy cores slow it down many times.
+OMP_NUM_THREADS=1 $PY evaluate_alignment.py \
+  --model_name_or_path outputs/demo-sft,outputs/demo-dpo,outputs/demo-sft-lora/merged --base_model models/tiny-qwen2 \
+  --dataset_dir data --harmful_dataset demo_eval_harmful --benign_dataset demo_eval_benign \
+  --general_dataset demo_eval_general --do_sample False --max_new_tokens 48 --per_device_eval_batch_size 64 \
+  --output_dir outputs/demo-eval --overwrite_output_dir True --plot True
+
+echo "demo finished in $(( $(date +%s) - start )) s: outputs/demo-sft (SFT), outputs/demo-dpo (DPO)," \
+  "outputs/demo-sft-lora (LoRA adapter; merged model in merged/); loss curves in outputs/*/training_loss.png;" \
+  "evaluation in outputs/demo-eval (eval_results.json, safety_vs_utility.png, */generated_predictions.jsonl)"

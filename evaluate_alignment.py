@@ -1,0 +1,324 @@
+r"""Evaluate what safety alignment bought and what it cost: predictions in LLaMA-Factory's format, refusal rates,
+answer NLL and exact match per dataset, and the alignment-tax report against the pre-alignment model.
+
+For every model: answers to every row of the datasets (batched, left-padded, data-parallel over processes) go to
+generated_predictions.jsonl (LLaMA-Factory's `prompt` / `predict` / `label` lines); the answers' refusal rate, and
+teacher-forced on the labels the answer NLL, with the exact match of the answers, go to eval_results.json and a
+table. With --base_model the same rows are evaluated on the pre-alignment model too, and each axis is shown with its
+difference: safety (refusal on --harmful_dataset), over-refusal (refusal on --benign_dataset), utility (answer NLL and
+exact match on --general_dataset).
+
+Tiny CPU run (after scripts/demo.sh's training; greedy decoding, so the numbers are reproducible):
+    python evaluate_alignment.py --model_name_or_path outputs/demo-sft,outputs/demo-dpo \
+        --base_model models/tiny-qwen2 --dataset_dir data --harmful_dataset demo_eval_harmful \
+        --benign_dataset demo_eval_benign --general_dataset demo_eval_general --do_sample False \
+        --max_new_tokens 48 --per_device_eval_batch_size 64 --output_dir outputs/demo-eval --plot True
+
+A LoRA adapter:          --model_name_or_path BASE --adapter_name_or_path outputs/demo-sft-lora
+Several GPUs:            accelerate launch --config_file accelerate_configs/multi_gpu.yaml evaluate_alignment.py ...
+Two CPU processes:       torchrun --nproc_per_node 2 evaluate_alignment.py ...
+
+Exit codes: 0 done; 2 a mistake in flags, data or files (one line `error: ...`). See README, "Evaluating a trained
+model".
+"""
+
+import argparse
+import json
+import math
+import os
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate.utils import set_seed
+
+import eval_utils
+from checkpoint import write_json, write_text_atomic
+from data_utils import (TEMPLATES, DataError, get_template, is_ranking, load_conversations, read_rows,
+                        resolve_dataset, tokenize_dataset, tokenize_prompt)
+from run_guard import UserError, first_line, hold_output_dir, run_main
+from train_utils import (NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, Parser, checked, flag, from_pretrained,
+                         load_model, load_tokenizer)
+
+ROLES = ("harmful", "benign", "general", "eval")  # the order of the datasets in the outputs
+PREDICTIONS = "generated_predictions.jsonl"
+RESULTS = "eval_results.json"
+PLOT = "safety_vs_utility.png"
+
+
+def build_parser():
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = parser.add_argument_group("run")
+    flag(g, "--output_dir", required=True, help=f"where {PREDICTIONS}, {RESULTS} and the plot go")
+    flag(g, "--overwrite_output_dir", bool, default=False, help=f"replace an earlier evaluation's {RESULTS} there")
+    flag(g, "--seed", int, default=42, help="seed of sampling (set per batch) and of datasets' num_samples")
+    flag(g, "--ddp_timeout", POSITIVE_INT, default=1800, help="timeout in seconds for collective operations")
+    flag(g, "--plot", bool, default=False, help=f"draw safety against utility, one point per model, to {PLOT}")
+
+    g = parser.add_argument_group("model")
+    flag(g, "--model_name_or_path", required=True,
+         help="comma-separated models to evaluate (folders or hub ids), or eval_results.json files of earlier "
+              "evaluations (shown in the report and the plot)")
+    flag(g, "--adapter_name_or_path", default=None, help="a LoRA adapter (PEFT folder) on --model_name_or_path, "
+                                                         "merged into it for evaluation as LLaMA-Factory does")
+    flag(g, "--base_model", default=None, help="the pre-alignment model: evaluated on the same rows; the report "
+                                               "shows every model's difference to it")
+    flag(g, "--template", default=None, help=f"chat template ({', '.join(TEMPLATES)}); default: the tokenizer's own")
+    flag(g, "--flash_attn", default="auto", choices=["auto", "disabled", "sdpa", "fa2"],
+         help="attention kernel: auto (transformers' default), disabled (eager), sdpa, fa2 (flash_attention_2)")
+    flag(g, "--trust_remote_code", bool, default=False, help="allow model/tokenizer code from the hub")
+    flag(g, "--bf16", bool, default=False, help="load the weights in bfloat16 (default float32)")
+
+    g = parser.add_argument_group("data (each comma-separated dataset_info.json names, files or hub ids)")
+    flag(g, "--dataset_dir", default="data", help="folder with dataset_info.json and the data files")
+    flag(g, "--eval_dataset", default=None, help="datasets without a role in the report (scored all the same)")
+    flag(g, "--harmful_dataset", default=None, help="harmful requests: safety = their refusal rate")
+    flag(g, "--benign_dataset", default=None, help="benign requests: over-refusal = their refusal rate")
+    flag(g, "--general_dataset", default=None, help="general tasks: utility = answer NLL and exact match")
+    flag(g, "--cutoff_len", checked(int, lambda v: v >= 2, ">= 2"), default=2048,
+         help="maximum tokens of prompt + label (the prompt keeps its start, as in LLaMA-Factory)")
+    flag(g, "--max_samples", POSITIVE_INT, default=None, help="use at most this many rows of each dataset")
+    flag(g, "--strict_data", bool, default=False, help="stop at the first bad row instead of dropping it")
+    flag(g, "--refusal_phrases", default=str(eval_utils.REFUSAL_PHRASES),
+         help="file of refusal phrases, one a line (an answer containing one is a refusal)")
+
+    g = parser.add_argument_group("generation (LLaMA-Factory's defaults; --do_sample False: no sampling noise)")
+    flag(g, "--max_new_tokens", POSITIVE_INT, default=1024, help="most tokens generated per answer")
+    flag(g, "--do_sample", bool, default=True, help="sample (True) or decode greedily (False)")
+    flag(g, "--temperature", POSITIVE_FLOAT, default=0.95, help="sampling temperature")
+    flag(g, "--top_p", checked(float, lambda v: 0 < v <= 1, "in (0, 1]"), default=0.7, help="nucleus sampling mass")
+    flag(g, "--top_k", NON_NEGATIVE_INT, default=50, help="sample among the k most likely tokens (0: all)")
+    flag(g, "--repetition_penalty", POSITIVE_FLOAT, default=1.0, help="1.0: no penalty")
+    flag(g, "--per_device_eval_batch_size", POSITIVE_INT, default=8, help="rows per batch per process")
+    parser.set_defaults(gradient_checkpointing=False)  # read by train_utils.load_model
+    return parser
+
+
+def check_args(args):
+    """The datasets as [{"name", "role"}] and the models to evaluate or read; refuses what cannot be honoured."""
+    datasets = [{"name": name.strip(), "role": role} for role in ROLES
+                for name in (getattr(args, f"{role}_dataset") or "").split(",") if name.strip()]
+    names = [d["name"] for d in datasets]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise UserError(f"dataset {repeated[0]} is given twice: give each dataset one role")
+    entries = [e.strip() for e in args.model_name_or_path.split(",") if e.strip()]
+    models = [e for e in entries if not e.endswith(".json")]
+    if args.adapter_name_or_path and len(models) != 1:
+        raise UserError("--adapter_name_or_path needs exactly one --model_name_or_path (the adapter's base model)")
+    if not entries:
+        raise UserError("--model_name_or_path: no model given")
+    if not datasets and (models or args.base_model):
+        raise UserError("no dataset to evaluate on: pass --harmful_dataset, --benign_dataset, --general_dataset or "
+                        "--eval_dataset")
+    if datasets and not (models or args.base_model):
+        raise UserError("the dataset flags choose the rows of the models evaluated now; to show only earlier "
+                        "eval_results.json files, drop them (the files' own datasets are used)")
+    if args.plot and datasets and not ({"harmful", "general"} <= {d["role"] for d in datasets}):
+        raise UserError("--plot draws safety against utility: it needs --harmful_dataset and --general_dataset")
+    if not args.overwrite_output_dir and Path(args.output_dir, RESULTS).exists():
+        raise UserError(f"{args.output_dir} holds an earlier evaluation ({RESULTS}); pass --overwrite_output_dir "
+                        "True to replace it, or choose another --output_dir")
+    candidates = [(args.base_model, None, True)] if args.base_model else []
+    candidates += [(e, args.adapter_name_or_path, False) for e in models]
+    return datasets, candidates, [e for e in entries if e.endswith(".json")]
+
+
+def make_accelerator(args):
+    """Processes as launched (gloo without a GPU); evaluation needs no training engine."""
+    from accelerate import Accelerator, InitProcessGroupKwargs
+
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    backend = ("nccl" if torch.cuda.is_available() else "gloo") if distributed else None
+    return Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[
+        InitProcessGroupKwargs(backend=backend, timeout=timedelta(seconds=args.ddp_timeout))])
+
+
+def check_inputs(args, datasets, candidates):
+    """Before anything is loaded: every dataset is readable and not empty, every model is a causal language model,
+    the adapter is a PEFT adapter; each refused by name."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    for dataset in datasets:
+        read_rows(resolve_dataset(dataset["name"], args.dataset_dir))
+    for path, _, _ in candidates:
+        config = from_pretrained(AutoConfig.from_pretrained, path, "model", trust_remote_code=args.trust_remote_code)
+        if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and \
+                "AutoModelForCausalLM" not in (getattr(config, "auto_map", None) or {}):
+            raise UserError(f"model {path}: a '{config.model_type}' model ({', '.join(config.architectures or [])}), "
+                            "not a causal language model; evaluation generates text with AutoModelForCausalLM")
+    if args.adapter_name_or_path:
+        from peft import PeftConfig
+
+        try:
+            PeftConfig.from_pretrained(args.adapter_name_or_path)
+        except (OSError, ValueError) as err:
+            raise UserError(f"--adapter_name_or_path {args.adapter_name_or_path}: not an adapter in PEFT's format "
+                            f"(adapter_config.json) ({first_line(err)})") from None
+
+
+def load_eval_model(path, adapter, args, device):
+    """The causal LM in eval mode on `device`, with a LoRA adapter merged in (as LLaMA-Factory does for inference)."""
+    model = load_model(path, args, dtype=torch.bfloat16 if args.bf16 else torch.float32)
+    if adapter:
+        from peft import PeftModel
+
+        try:
+            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        except (OSError, ValueError) as err:
+            raise UserError(f"--adapter_name_or_path {adapter}: not a LoRA adapter for {path} "
+                            f"({first_line(err)})") from None
+    return model.to(device).eval()
+
+
+def load_rows(datasets, args, tokenizer, log):
+    """Every dataset's rows: prompt and label (generation) and input ids and labels (teacher forcing), in order."""
+    template = get_template(tokenizer, args.template)
+    rows = []
+    for dataset in datasets:
+        name = dataset["name"]
+        ranking = is_ranking(name, args.dataset_dir)
+        rng = np.random.RandomState(args.seed)  # for "num_samples": the rows of a dataset do not depend on the others
+        spec, conversations, notes = load_conversations(name, args.dataset_dir, ranking, args.max_samples,
+                                                        args.strict_data, rng)
+        if not conversations:
+            raise DataError(f"dataset '{name}' ({spec.source}): no samples left")
+        examples, _ = tokenize_dataset(conversations, tokenizer, template, args.cutoff_len, ranking)
+        dropped = sum(len(origins) for reason, origins in notes.items() if reason.startswith("dropped"))
+        log(f"dataset {name} ({dataset['role']}, {'pairs: the chosen answer is the label' if ranking else 'SFT'}): "
+            f"{len(conversations)} rows" + (f", {dropped} dropped as LLaMA-Factory drops them" if dropped else ""))
+        for conversation, example in zip(conversations, examples):
+            key = "chosen_" if ranking else ""
+            rows.append({"dataset": name, **tokenize_prompt(conversation, tokenizer, template, args.cutoff_len),
+                         "input_ids": example[f"{key}input_ids"], "labels": example[f"{key}labels"]})
+        dataset["num_samples"] = len(conversations)
+    return rows
+
+
+def evaluate(model, tokenizer, rows, args, accelerator, label):
+    """Answers and teacher-forced NLL of every row, this rank's batches, gathered in row order on every rank."""
+    from tqdm.auto import tqdm
+
+    stop_ids = {tokenizer.eos_token_id} | set(tokenizer.convert_tokens_to_ids(list(
+        get_template(tokenizer, args.template).stop_words)))
+    generation = eval_utils.generation_kwargs(args)
+    world, rank, size = accelerator.num_processes, accelerator.process_index, args.per_device_eval_batch_size
+    my_batches = len(range(rank, math.ceil(len(rows) / size), world))  # shard_batches: batch b on rank b % world
+    bar = tqdm(total=2 * my_batches, desc=f"evaluating {label}", dynamic_ncols=True,
+               disable=not accelerator.is_main_process)
+    answers = eval_utils.generate_all(model, [r["prompt_ids"] for r in rows], size, tokenizer.pad_token_id, stop_ids,
+                                      generation, args.seed, world, rank, lambda: bar.update(1))
+    nll = eval_utils.nll_all(model, rows, size, tokenizer.pad_token_id, world, rank, lambda: bar.update(1))
+    bar.close()
+    return eval_utils.gather_in_order(accelerator, answers, len(rows)), \
+        eval_utils.gather_in_order(accelerator, nll, len(rows))
+
+
+def score(rows, answers, nll, tokenizer, phrases, datasets):
+    """Prediction lines (LLaMA-Factory's: the prompt with its special tokens, answer and label without) and the
+    per-dataset scores."""
+    lines, scored = [], []
+    for row, answer, (nll_sum, tokens) in zip(rows, answers, nll):
+        prompt = tokenizer.decode(row["prompt_ids"], skip_special_tokens=False)
+        predict = tokenizer.decode(answer, skip_special_tokens=True)
+        label = tokenizer.decode(row["label_ids"], skip_special_tokens=True)
+        lines.append(json.dumps({"prompt": prompt, "predict": predict, "label": label}, ensure_ascii=False) + "\n")
+        scored.append({"dataset": row["dataset"], "refusal": eval_utils.is_refusal(predict, phrases),
+                       "exact_match": predict.strip() == label.strip(), "nll": nll_sum, "tokens": tokens})
+    scores = {d["name"]: eval_utils.score_rows([r for r in scored if r["dataset"] == d["name"]]) for d in datasets}
+    return "".join(lines), scores
+
+
+def check_same_rows(path, theirs, ours, counted):
+    """An earlier evaluation is shown beside this one only if it scored the same datasets (and, once this run has
+    counted its rows, as many rows of each)."""
+    def key(datasets):
+        return [(d["name"], d["role"]) + ((d["num_samples"],) if counted else ()) for d in datasets]
+
+    if key(theirs) != key(ours):
+        raise UserError(f"{path} was evaluated on other rows ({key(theirs)}; here {key(ours)}): a comparison needs "
+                        "the same datasets, roles and --max_samples")
+
+
+def unique_label(path, adapter, taken):
+    """A model's name in the report: its folder's name ("<run>-merged" for a run's --export_merged folder), made
+    unique."""
+    folder = Path(adapter or path)
+    label = folder.name or str(path)
+    if label == "merged" and folder.parent.name:
+        label = f"{folder.parent.name}-merged"
+    candidate, n = label, 2
+    while candidate in taken:
+        candidate, n = f"{label}-{n}", n + 1
+    return candidate
+
+
+def main():
+    args = build_parser().parse_args()
+    hold_output_dir(args.output_dir)  # one evaluation per output folder
+    datasets, candidates, result_files = check_args(args)
+    phrases = eval_utils.load_refusal_phrases(args.refusal_phrases)
+    earlier = [(path, *eval_utils.read_results(path)) for path in result_files]
+    if not candidates:  # only earlier evaluations to show: their datasets
+        datasets = earlier[0][1]
+    for path, their_datasets, _ in earlier:
+        check_same_rows(path, their_datasets, datasets, counted=False)
+    check_inputs(args, datasets, candidates)
+    accelerator = make_accelerator(args)
+    log, output = accelerator.print, Path(args.output_dir)
+    set_seed(args.seed)
+
+    models, base_label = {}, None
+    several = len(candidates) + len(earlier) > 1
+    for path, adapter, is_base in candidates:
+        label = unique_label(path, adapter, models)
+        base_label = label if is_base else base_label
+        start = time.perf_counter()
+        tokenizer = load_tokenizer(path, args)
+        rows = load_rows(datasets, args, tokenizer, log)
+        model = load_eval_model(path, adapter, args, accelerator.device)
+        answers, nll = evaluate(model, tokenizer, rows, args, accelerator, label)
+        del model
+        lines, scores = score(rows, answers, nll, tokenizer, phrases, datasets)
+        predictions = Path(label, PREDICTIONS) if several else Path(PREDICTIONS)
+        if accelerator.is_main_process:
+            (output / predictions).parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(output / predictions, lines)
+        models[label] = {"model_name_or_path": path, "adapter_name_or_path": adapter, "is_base": is_base,
+                         "predictions": str(predictions), "scores": scores,
+                         "axes": eval_utils.axes(scores, datasets)}
+        refusals = ", ".join(f"{n} {s['refusal_rate']:.3f}" for n, s in scores.items())
+        log(f"{label}: {len(rows)} rows in {time.perf_counter() - start:.1f} s; refusal rate {refusals}; "
+            f"predictions: {output / predictions}")
+    for path, their_datasets, their_models in earlier:
+        check_same_rows(path, their_datasets, datasets, counted=True)
+        for label, model in their_models.items():
+            label = unique_label(label, None, models)
+            models[label] = {**model, "from": str(path)}
+            base_label = base_label or (label if model.get("is_base") else None)
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        results = {"datasets": datasets, "models": models, "base_model": base_label,
+                   "comparison": eval_utils.compare(models, base_label) if base_label else None,
+                   "generation": eval_utils.generation_kwargs(args), "refusal_phrases": args.refusal_phrases,
+                   "args": vars(args)}
+        first = 1
+        for dataset in datasets:  # its lines in every predictions file
+            dataset["lines"] = [first, first + dataset["num_samples"] - 1]
+            first += dataset["num_samples"]
+        write_json(output / RESULTS, results)
+        log(eval_utils.report(results))
+        if args.plot:
+            log(f"plot: {eval_utils.plot(results, output / PLOT)}")
+        log(f"results: {output / RESULTS}")
+    accelerator.end_training()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    run_main(main)
