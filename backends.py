@@ -57,7 +57,7 @@ def configure_deepspeed(config, args, world_size):
          "per-device batch x accumulation x processes")
     fill("gradient_clipping", args.max_grad_norm, "--max_grad_norm")
     zero = config.setdefault("zero_optimization", {})
-    if zero.get("stage", 0) not in (1, 2, 3):
+    if zero.get("stage", 0) not in (0, 1, 2, 3):  # 0 only meets this check before starting: it runs as DDP
         raise SystemExit(f"DeepSpeed zero_optimization.stage {zero.get('stage', 0)}: use 0 (run as DDP), 1, 2 or 3")
     for key in ("offload_optimizer", "offload_param"):
         if zero.get(key, {}).get("device", "none") not in ("none", "cpu", None):

@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from run_guard import UserError
+from run_guard import LOCK_FILE, UserError
 
 # Resume rules. A resumed run must compute what the uninterrupted run would have: every flag that changes the result
 # must equal the checkpoint's. Flags that only decide what is logged or saved, and where, may change.
@@ -43,29 +43,65 @@ RESUME_MUST_MATCH = RESUME_OGPSA | {
     "model_name_or_path", "finetuning_type", "template", "flash_attn",  # model
     "lora_rank", "lora_alpha", "lora_dropout", "lora_target", "use_rslora", "adapter_name_or_path",  # LoRA
     "dataset_dir", "dataset", "cutoff_len", "max_samples",  # data
-    "learning_rate", "num_train_epochs", "max_steps", "lr_scheduler_type", "warmup_steps", "warmup_ratio", "optim",
-    "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "bf16", "fp16",  # optimisation
+    "learning_rate", "num_train_epochs", "max_steps", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps",
+    "warmup_ratio", "optim", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "bf16",
+    "fp16",  # optimisation
     "pref_beta", "pref_loss", "dpo_label_smoothing", "pref_ftx", "ref_model", "precompute_ref_log_probs",  # DPO
 }
 
 
 def resolve_resume(args):
-    """The checkpoint to resume from, or None; refuses to silently overwrite an earlier run's checkpoints."""
+    """The checkpoint to resume from, or None; a new run refuses a non-empty OUTPUT_DIR unless
+    --overwrite_output_dir says to write over it (as Hugging Face's Trainer and LLaMA-Factory do)."""
     resume = args.resume_from_checkpoint
     if resume in (None, "", "False", "false"):
-        if checkpoints(args.output_dir) and not args.overwrite_output_dir:
-            raise UserError(f"{args.output_dir} already holds checkpoints: pass --resume_from_checkpoint True to "
-                            "continue, or --overwrite_output_dir True to start afresh")
+        if not args.overwrite_output_dir:
+            check_output_dir_empty(args.output_dir)
         return None
     if resume in ("True", "true", "latest"):
         found = checkpoints(args.output_dir)
         if not found:
             raise UserError(f"--resume_from_checkpoint {resume}: no checkpoint in {args.output_dir}")
         resume = str(found[-1])
+    if not Path(resume).is_dir():
+        raise UserError(f"--resume_from_checkpoint {resume}: no such folder")
     if not Path(resume, "trainer_state.json").is_file():
         raise UserError(f"--resume_from_checkpoint {resume}: not a complete checkpoint (no trainer_state.json)")
     verify_checkpoint(resume)
     return resume
+
+
+def check_output_dir_empty(output_dir):
+    """Refuse to start a new run in an OUTPUT_DIR that holds anything but the lock file: an earlier run's model,
+    logs or checkpoints would be written over."""
+    found = checkpoints(output_dir)
+    if found:
+        raise UserError(f"{output_dir} already holds checkpoints (newest: {found[-1].name}): pass "
+                        "--resume_from_checkpoint True to continue, or --overwrite_output_dir True to start afresh "
+                        "(the checkpoints are removed and the other files written over)")
+    entries = sorted(p.name for p in Path(output_dir).iterdir() if p.name != LOCK_FILE) \
+        if Path(output_dir).is_dir() else []
+    if entries:
+        shown = ", ".join(entries[:4]) + (f" and {len(entries) - 4} more" if len(entries) > 4 else "")
+        raise UserError(f"{output_dir} is not empty (it holds {shown}): a new run would write over an earlier "
+                        "one's results. Pass --overwrite_output_dir True to do so, or choose another --output_dir")
+
+
+def check_output_dir_apart(args):
+    """Refuse an OUTPUT_DIR that is, lies inside or holds a model folder the run reads (--model_name_or_path,
+    --ref_model, --adapter_name_or_path): the run would write over that model. --overwrite_output_dir cannot
+    allow it. Hub ids that are not local folders have nothing local to overwrite."""
+    output = Path(args.output_dir).expanduser().resolve()
+    for flag in ("model_name_or_path", "ref_model", "adapter_name_or_path"):
+        value = getattr(args, flag, None)
+        if not value or not Path(value).expanduser().exists():
+            continue
+        source = Path(value).expanduser().resolve()
+        where = ("is" if output == source else "lies inside" if source in output.parents
+                 else "holds" if output in source.parents else None)
+        if where:
+            raise UserError(f"--output_dir {args.output_dir} {where} the folder of --{flag} {value}: the run would "
+                            "write over what it reads. Choose an --output_dir apart from it")
 
 
 def check_resume_flags(args, folder):
@@ -83,23 +119,69 @@ def check_resume_flags(args, folder):
         "be the one the checkpoint belongs to"
         + (f" ({', '.join(ogpsa)}: the saved basis was built with the old value)" if ogpsa else "")
         + f". Resume with the checkpoint's values (in {Path(folder, 'trainer_state.json')}), or start a new run from "
-        f"the checkpoint's model: --model_name_or_path {folder} with a new --output_dir and no "
-        "--resume_from_checkpoint (the optimizer, schedule and basis then start afresh)")
+        f"{start_from(folder, saved)} with a new --output_dir and no --resume_from_checkpoint (the optimizer, "
+        "schedule and basis then start afresh)")
+
+
+def start_from(folder, saved_args):
+    """The flags that start a new run from checkpoint `folder`'s weights: its model, or with LoRA its adapter on the
+    same base model (a LoRA checkpoint holds only the adapter)."""
+    if saved_args.get("finetuning_type") == "lora":
+        return (f"the checkpoint's adapter: --adapter_name_or_path {folder} with --model_name_or_path "
+                f"{saved_args.get('model_name_or_path')}")
+    return f"the checkpoint's model: --model_name_or_path {folder}"
+
+
+def check_data_unchanged(folder, fingerprints, log):
+    """Resuming from `folder`: refuse if a dataset's tokenized examples differ from those the checkpoint was trained
+    on (an edited, reordered or re-sampled file, another tokenizer or template), naming the dataset. A checkpoint
+    written before fingerprints were kept gets a warning: its data cannot be checked."""
+    state = read_json(Path(folder, "trainer_state.json"), folder)
+    saved = state.get("data_fingerprints")
+    if saved is None:
+        log(f"warning: {folder} holds no fingerprint of its data (written by an older version): the data cannot be "
+            "checked against it; resuming as if it were unchanged")
+        return
+    changed = [name for name in sorted(fingerprints) if saved.get(name) not in (None, fingerprints[name])]
+    if changed:
+        named = ("dataset " if len(changed) == 1 else "datasets ") + ", ".join(repr(n) for n in changed)
+        raise UserError(
+            f"cannot resume from {folder}: {named} changed since the checkpoint was written (the tokenized examples "
+            "differ: edited, reordered or re-sampled rows, or another tokenizer or template), so the resumed run "
+            "would train on other samples than the interrupted one. Resume with the original data, or start a new "
+            f"run from {start_from(folder, state.get('args', {}))} and a new --output_dir")
 
 
 def verify_checkpoint(folder):
     """Open every file of a checkpoint (safetensors headers and sizes, JSON): a damaged one is named, with the
     checkpoint to use instead, before any training starts."""
     for path in sorted(Path(folder).iterdir()):
-        try:
-            if path.suffix == ".safetensors":
-                with safe_open(str(path), framework="pt"):
-                    pass
-            elif path.suffix == ".json":
-                json.loads(path.read_text())
-        except (SafetensorError, ValueError, OSError) as err:
-            raise UserError(f"checkpoint file {path} is damaged ({type(err).__name__}: {err}); "
-                            f"{use_instead(folder)}") from None
+        problem = damage(path)
+        if problem:
+            raise UserError(f"checkpoint file {path} is damaged ({problem}); {use_instead(folder)}")
+
+
+def verify_model_files(folder, flag):
+    """Open the header of every .safetensors file of a model or adapter folder (its sizes must match the file's):
+    a truncated or damaged one is named before anything loads."""
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        problem = damage(path)
+        if problem:
+            raise UserError(f"{flag} {folder}: the weights file {path} is damaged ({problem}); copy or save the "
+                            "model again")
+
+
+def damage(path):
+    """What is wrong with a .safetensors (header and sizes) or .json file, or None."""
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt"):
+                pass
+        elif path.suffix == ".json":
+            json.loads(path.read_text())
+    except (SafetensorError, ValueError, OSError) as err:
+        return f"{type(err).__name__}: {err}"
+    return None
 
 
 def use_instead(folder):
@@ -207,9 +289,12 @@ class Checkpointer:
     saving leaves the previous checkpoints untouched; the newest complete one resumes.
     """
 
-    def __init__(self, args, accelerator, model, tokenizer, backend, scheduler, projector):
+    def __init__(self, args, accelerator, model, tokenizer, backend, scheduler, projector, data_fingerprints=None):
+        """`data_fingerprints`: {dataset: fingerprint of its tokenized examples} (data_utils.load_tokenized), kept in
+        each checkpoint so that a resume can check it reads the same data (check_data_unchanged)."""
         self.args, self.accelerator, self.model, self.tokenizer = args, accelerator, model, tokenizer
         self.backend, self.scheduler, self.projector = backend, scheduler, projector
+        self.data_fingerprints = data_fingerprints or {}
 
     def save(self, step, extra_state=None):
         """Write OUTPUT_DIR/checkpoint-STEP; `extra_state` is the loop's own (nested tensors and scalars).
@@ -231,9 +316,12 @@ class Checkpointer:
             if accelerator.is_main_process:
                 trainer_state = {"global_step": step, "save_only_model": args.save_only_model,
                                  "world_size": accelerator.num_processes, "engine": self.backend.engine_name,
-                                 "args": json_safe(vars(args))}
+                                 "args": json_safe(vars(args)), "data_fingerprints": self.data_fingerprints}
                 Path(partial, "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
-                _fsync_tree(partial)
+                _settle_files(partial)
+        except KeyboardInterrupt:  # a second Ctrl-C while saving: stop at once, leave no partial folder
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
         except (OSError, SafetensorError) as err:
             shutil.rmtree(partial, ignore_errors=True)  # give the space back
             found = checkpoints(output)
@@ -273,10 +361,11 @@ class Checkpointer:
         """Restore optimizer, scheduler, RNG and the OGPSA basis; returns (step, extra_state or {})."""
         accelerator, backend, projector = self.accelerator, self.backend, self.projector
         trainer_state = json.loads(Path(folder, "trainer_state.json").read_text())
+        saved = trainer_state["args"]  # the other flags were compared in check_args (check_resume_flags)
         if trainer_state["save_only_model"]:
             raise UserError(f"{folder} was saved with --save_only_model True: it holds no optimizer, scheduler or RNG "
-                            "state, so training cannot resume exactly. Start a new run from it with "
-                            f"--model_name_or_path {folder} instead")
+                            "state, so training cannot resume exactly. Start a new run from "
+                            f"{start_from(folder, saved)} instead")
         engine = trainer_state.get("engine", backend.engine_name)  # checkpoints written before engines were recorded
         if engine != backend.engine_name:
             raise UserError(f"cannot resume from {folder}: it was saved under {engine} and this run uses "
@@ -286,7 +375,6 @@ class Checkpointer:
             raise UserError(f"cannot resume from {folder}: it was saved by {trainer_state['world_size']} processes "
                             f"and {engine} shards the optimizer state and the OGPSA basis per process; resume with "
                             f"{trainer_state['world_size']} processes")
-        saved = trainer_state["args"]  # the other flags were compared in check_args (check_resume_flags)
         saved_batch = saved["per_device_train_batch_size"] * trainer_state["world_size"] * \
             saved["gradient_accumulation_steps"]
         if global_batch != saved_batch:
@@ -318,7 +406,7 @@ class Checkpointer:
                 shutil.rmtree(staging, ignore_errors=True)
             self._save_model(staging)
             if accelerator.is_main_process:
-                _fsync_tree(staging)
+                _settle_files(staging)
         except (OSError, SafetensorError) as err:
             shutil.rmtree(staging, ignore_errors=True)
             raise UserError(f"writing the final model into {args.output_dir} failed ({type(err).__name__}: {err}); "
@@ -360,14 +448,13 @@ class Checkpointer:
                 merged = PeftModel.from_pretrained(base, args.output_dir).merge_and_unload()
                 merged.save_pretrained(staging, safe_serialization=True)
                 self.tokenizer.save_pretrained(staging)
-                _fsync_tree(staging)
+                _settle_files(staging)
             except (OSError, SafetensorError) as err:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise UserError(f"writing the merged model into {final} failed ({type(err).__name__}: {err}); the "
                                 "adapter in the output folder is complete") from None
             shutil.rmtree(final, ignore_errors=True)
             os.replace(staging, final)
-            accelerator.print(f"merged model: {final}")
         accelerator.wait_for_everyone()
 
 
@@ -382,10 +469,23 @@ def tie_gathered_copies(model, state_dict):
     return state_dict
 
 
-def _fsync_tree(folder):
+def _current_umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_current_umask()  # what a plain open() gives a new file, read at start-up (single-threaded)
+
+
+def _settle_files(folder):
+    """Flush every file of `folder` to disk and give it the mode a plain write would (FILE_MODE): safetensors
+    writes through a private temporary file (mode 0600), which would keep colleagues on a shared cluster from
+    reading the model."""
     for path in Path(folder).iterdir():
         with open(path, "rb") as handle:
             os.fsync(handle.fileno())
+        os.chmod(path, FILE_MODE)
 
 
 def is_save_step(args, step, steps_per_epoch):

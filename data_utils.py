@@ -23,7 +23,9 @@ message with a template (LLaMA-Factory's, or the tokenizer's chat template cut a
 input ids and labels are LLaMA-Factory's; tests/test_parity.py checks this against files LLaMA-Factory wrote.
 """
 
+import array
 import enum
+import hashlib
 import json
 import math
 import re
@@ -117,7 +119,7 @@ def resolve_dataset(name, dataset_dir):
     info = {}
     if info_path.is_file():
         try:
-            info = json.loads(info_path.read_text())
+            info = json.loads(info_path.read_text(encoding="utf-8-sig"))  # -sig: a byte-order mark is skipped
         except json.JSONDecodeError as err:
             raise DataError(f"{info_path}: invalid JSON ({err})") from None
     if name in info:
@@ -129,8 +131,13 @@ def resolve_dataset(name, dataset_dir):
         return DatasetSpec(name, str(path))
     if "/" in name:
         return DatasetSpec(name, name, from_hub=True)
-    known = ", ".join(sorted(info)) or "none"
-    raise DataError(f"unknown dataset '{name}': not in {info_path} (known: {known}), not a file, not a hub id")
+    if not Path(dataset_dir).is_dir():
+        where = f"--dataset_dir {dataset_dir} does not exist"
+    elif not info_path.is_file():
+        where = f"--dataset_dir {dataset_dir} has no dataset_info.json"
+    else:
+        where = f"not in {info_path} (known: {', '.join(sorted(info)) or 'none'})"
+    raise DataError(f"unknown dataset '{name}': {where}, and it is not a file or a hub id")
 
 
 def infer_format(spec, rows):
@@ -171,7 +178,7 @@ def _data_files(spec):
 
 
 def _read_json_file(path):
-    text = Path(path).read_text(encoding="utf-8")
+    text = Path(path).read_text(encoding="utf-8-sig")  # a byte-order mark is skipped, as `datasets` does
     if not text.strip():
         raise DataError(f"{path}: the file is empty")
     if path.endswith(".jsonl"):
@@ -300,12 +307,20 @@ def _message(r, column, message, number, accepted):
         raise r.error(column, f"message {number} must be an object, got {type(message).__name__}")
     role, content = message.get(tags["role_tag"]), message.get(tags["content_tag"])
     if role not in accepted:
+        if tags["role_tag"] not in message and {"role", "content"} <= set(message):  # tags left at sharegpt's
+            r.skip(f"broken role order (OpenAI-style 'role' and 'content' keys: {OPENAI_TAGS_FIX})", column,
+                   f"message {number} has OpenAI-style 'role' and 'content' keys, not '{tags['role_tag']}': "
+                   + OPENAI_TAGS_FIX)
         r.skip("broken role order", column, f"message {number} has role {role!r}, expected {accepted[0]!r}")
     if role in (tags["observation_tag"], tags["function_tag"]):
         raise r.error(column, f"message {number} has role {role!r}: tool-use data is not supported")
     if not isinstance(content, str):
         raise r.error(column, f"message {number} needs a string '{tags['content_tag']}'")
     return content
+
+
+OPENAI_TAGS_FIX = ("give the dataset's entry in dataset_info.json \"tags\": {\"role_tag\": \"role\", \"content_tag\": "
+                   "\"content\", \"user_tag\": \"user\", \"assistant_tag\": \"assistant\", \"system_tag\": \"system\"}")
 
 
 def _sharegpt_conversation(r):
@@ -722,12 +737,36 @@ def _rows_text(origins, single_file, shown=5):
     return ("row " if len(origins) == 1 else "rows ") + ", ".join(names) + (", ..." if len(origins) > shown else "")
 
 
-def load_tokenized(names, args, tokenizer, ranking, log=print):
+def fingerprint(examples):
+    """SHA-256 of a dataset's tokenized examples in order: the token ids and labels of every sequence (SFT:
+    input_ids, labels; pairs: those of the chosen and the rejected response). Equal fingerprints mean the same
+    samples at the same positions, whatever the file looks like."""
+    digest = hashlib.sha256()
+    for example in examples:
+        for key in sorted(k for k in example if k.endswith(("input_ids", "labels"))):
+            values = array.array("q", example[key])
+            digest.update(len(values).to_bytes(8, "little") + values.tobytes())
+    return digest.hexdigest()
+
+
+def check_trainable(name, spec, examples, ranking, cutoff_len):
+    """Refuse a dataset in which no example has a token to learn (the loss would be 0/0)."""
+    if any(e["num_targets"] + e.get("num_targets_rejected", 0) for e in examples):
+        return
+    ids = "chosen_input_ids" if ranking else "input_ids"
+    why = (f"--cutoff_len {cutoff_len} cuts every response away (the prompts fill it); raise --cutoff_len"
+           if all(len(e[ids]) >= cutoff_len for e in examples) else "every response is empty")
+    raise DataError(f"dataset '{name}' ({spec.source}) has no trainable token: {why}")
+
+
+def load_tokenized(names, args, tokenizer, ranking, log=print, fingerprints=None):
     """Load, check, tokenise and concatenate the datasets in `names` (a comma-separated string or a list).
 
     Uses args.dataset_dir, max_samples, cutoff_len, preprocessing_num_workers, template, strict_data and seed (the
     seed of "num_samples": one numpy RandomState for the datasets in `names`, in order, as LLaMA-Factory's global
     numpy state after set_seed). Logs one line per dataset: samples, dropped and adjusted rows, cut-away responses.
+    Refuses a dataset with no sample left or no token to learn. `fingerprints`, a dict, gets each dataset's
+    `fingerprint` under its name (what a resumed run must find unchanged).
     """
     import numpy as np
 
@@ -749,7 +788,10 @@ def load_tokenized(names, args, tokenizer, ranking, log=print):
                                           if notes else "") if parts else ""
         log(f"dataset {name} ({spec.source}): {len(kept)} samples{note}")
         if not kept:
-            raise DataError(f"dataset '{name}' ({spec.source}): no samples left")
+            raise DataError(f"dataset '{name}' ({spec.source}): no samples left{note}")
+        check_trainable(name, spec, kept, ranking, args.cutoff_len)
+        if fingerprints is not None:
+            fingerprints[name] = fingerprint(kept)
         examples += kept
     return examples
 

@@ -145,7 +145,8 @@ def check_inputs(args, datasets, candidates):
     for dataset in datasets:
         read_rows(resolve_dataset(dataset["name"], args.dataset_dir))
     for path, _, _ in candidates:
-        config = from_pretrained(AutoConfig.from_pretrained, path, "model", trust_remote_code=args.trust_remote_code)
+        config = from_pretrained(AutoConfig.from_pretrained, path, "model", args,
+                                 trust_remote_code=args.trust_remote_code)
         if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and \
                 "AutoModelForCausalLM" not in (getattr(config, "auto_map", None) or {}):
             raise UserError(f"model {path}: a '{config.model_type}' model ({', '.join(config.architectures or [])}), "

@@ -592,7 +592,9 @@ class ReferenceGradients:
                 units = sum(ref.weight(ref.examples[i]) for i in chunk)
                 batches = rank_micro_batches(chunk, rank, world, self.batch_size)
                 for j, indices in enumerate(batches):
-                    scale = world / units if indices else 0.0
+                    # A chunk with no unit (every response cut away: the scripts refuse that before training) gives
+                    # a zero direction, which the basis drops, rather than a division by zero.
+                    scale = world / units if indices and units else 0.0
                     batch = ref.collate([ref.examples[i] for i in (indices or chunk[:1])])
                     batch = {key: value.to(device) for key, value in batch.items()}
                     with backend.micro_batch(sync=j == len(batches) - 1):

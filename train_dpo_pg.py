@@ -16,7 +16,8 @@ DeepSpeed ZeRO-1/2/3:    accelerate launch --config_file accelerate_configs/deep
 Two CPU processes:       torchrun --nproc_per_node 2 train_dpo_pg.py ...
 
 Exit codes: 0 done; 2 a mistake in flags, data or files (one line `error: ...`), or non-finite training; 143 stopped
-by SIGTERM after writing a checkpoint (resume with --resume_from_checkpoint True). See README, "When things go wrong".
+by SIGTERM, 130 by Ctrl-C, after writing a checkpoint (resume with --resume_from_checkpoint True). See README, "When
+things go wrong".
 """
 
 import math
@@ -27,15 +28,15 @@ import torch.nn.functional as F
 from accelerate.utils import set_seed
 
 from backends import make_backend, prepare_reference_model
-from checkpoint import Checkpointer, is_save_step, prepare_output_dir, write_json
+from checkpoint import Checkpointer, check_data_unchanged, is_save_step, prepare_output_dir, write_json
 from data_utils import DataError, StepSampler, collate_pairs, collate_sft, is_ranking, load_tokenized
 from ogpsa_core import ReferenceGradients, ReferenceSet
-from run_guard import StepGuard, UserError, hold_output_dir, run_main
+from run_guard import StepGuard, UserError, hold_output_dir, main_process_first, run_main
 from train_utils import (NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, AdapterDisabled, MetricLog, build_optimizer, build_parser,
-                         build_scheduler, check_args, checked, end_run, flag, load_model, load_policy, load_tokenizer,
-                         make_accelerator, make_projector, make_update_projector, projection_scalars,
-                         report_params_without_direction, response_nll_sum, response_positions, to_device,
-                         token_logps, total_optimizer_steps)
+                         build_scheduler, check_args, check_reference_sets, checked, end_run, flag, load_model,
+                         load_policy, load_tokenizer, make_accelerator, make_projector, make_update_projector,
+                         projection_scalars, report_params_without_direction, response_nll_sum, response_positions,
+                         to_device, token_logps, total_optimizer_steps)
 
 
 LOSSES = ("sigmoid", "ipo", "hinge")
@@ -131,7 +132,7 @@ def main():
     if args.dpo_label_smoothing and args.pref_loss != "sigmoid":
         raise UserError("--dpo_label_smoothing applies to --pref_loss sigmoid only")
     accelerator = make_accelerator(args)
-    guard = StepGuard(accelerator, args)  # from here on SIGTERM stops the run after a step, with a checkpoint
+    guard = StepGuard(accelerator, args)  # SIGTERM or Ctrl-C now stop the run after a step, with a checkpoint
     set_seed(args.seed)
     prepare_output_dir(args, accelerator)
     log, device = accelerator.print, accelerator.device
@@ -141,8 +142,9 @@ def main():
     # ---- data -------------------------------------------------------------------------------------------------
     tokenizer = load_tokenizer(args.resume_from_checkpoint or args.model_name_or_path, args)  # resuming: the saved one
     pad = tokenizer.pad_token_id
-    with accelerator.main_process_first():
-        examples = load_tokenized(args.dataset, args, tokenizer, ranking=True, log=log)
+    fingerprints = {}  # dataset -> fingerprint of its tokenized examples: a resumed run must find the same data
+    with main_process_first(accelerator):  # a data error on the main process stops every process with it
+        examples = load_tokenized(args.dataset, args, tokenizer, ranking=True, log=log, fingerprints=fingerprints)
         reference_pairs = {}  # name -> pair examples whose reference log-probs the dpo base loss needs
         reference_sets = []
         for name in (args.base_dataset.split(",") if args.base_method != "none" else []):
@@ -150,11 +152,11 @@ def main():
                 if args.base_loss != "sft":
                     raise DataError(f"reference set '{name}' is not preference pairs: --base_loss {args.base_loss} "
                                     "needs pairs; pass --base_loss sft to take the gradient of an SFT reference set")
-                ref = load_tokenized(name, args, tokenizer, ranking=False, log=log)
+                ref = load_tokenized(name, args, tokenizer, ranking=False, log=log, fingerprints=fingerprints)
                 reference_sets.append(ReferenceSet(name, ref, lambda b: collate_sft(b, pad), response_nll_sum,
                                                    lambda e: e["num_targets"]))
                 continue
-            ref = load_tokenized(name, args, tokenizer, ranking=True, log=log)
+            ref = load_tokenized(name, args, tokenizer, ranking=True, log=log, fingerprints=fingerprints)
             if len(ref) < args.base_num_samples:
                 log(f"reference set {name} has {len(ref)} pairs (< --base_num_samples {args.base_num_samples}): "
                     "using all of them")
@@ -167,6 +169,10 @@ def main():
                                                    lambda e: e["num_targets"] + e["num_targets_rejected"]))
             else:
                 reference_pairs[name] = ref
+    check_reference_sets(reference_sets + [ReferenceSet(name, pairs, None, None, lambda e: e["num_targets"] + e[
+        "num_targets_rejected"]) for name, pairs in reference_pairs.items()], args)  # --base_loss dpo's sets too
+    if args.resume_from_checkpoint:
+        check_data_unchanged(args.resume_from_checkpoint, fingerprints, log)
 
     # ---- policy, reference model, optimizer, schedule, projection ---------------------------------------------
     model = load_policy(args)  # full: every weight trains; lora: adapters on the frozen model
@@ -179,7 +185,7 @@ def main():
     scheduler = build_scheduler(backend.scheduled_optimizer, args, total_steps)
     projector = make_projector(args, backend)
     update_projector = make_update_projector(args, backend, projector)
-    checkpoints = Checkpointer(args, accelerator, model, tokenizer, backend, scheduler, projector)
+    checkpoints = Checkpointer(args, accelerator, model, tokenizer, backend, scheduler, projector, fingerprints)
     step, extra = 0, {}
     if args.resume_from_checkpoint:
         step, extra = checkpoints.load(args.resume_from_checkpoint, sampler.global_batch)

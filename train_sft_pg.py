@@ -17,7 +17,8 @@ DeepSpeed ZeRO-1/2/3:    accelerate launch --config_file accelerate_configs/deep
 Two CPU processes:       torchrun --nproc_per_node 2 train_sft_pg.py ...
 
 Exit codes: 0 done; 2 a mistake in flags, data or files (one line `error: ...`), or non-finite training; 143 stopped
-by SIGTERM after writing a checkpoint (resume with --resume_from_checkpoint True). See README, "When things go wrong".
+by SIGTERM, 130 by Ctrl-C, after writing a checkpoint (resume with --resume_from_checkpoint True). See README, "When
+things go wrong".
 """
 
 from pathlib import Path
@@ -25,13 +26,13 @@ from pathlib import Path
 from accelerate.utils import set_seed
 
 from backends import make_backend
-from checkpoint import Checkpointer, is_save_step, prepare_output_dir, write_json
+from checkpoint import Checkpointer, check_data_unchanged, is_save_step, prepare_output_dir, write_json
 from data_utils import StepSampler, collate_sft, load_tokenized
 from ogpsa_core import ReferenceGradients, ReferenceSet
-from run_guard import StepGuard, hold_output_dir, run_main
-from train_utils import (MetricLog, build_optimizer, build_parser, build_scheduler, check_args, end_run, load_policy,
-                         load_tokenizer, make_accelerator, make_projector, make_update_projector, projection_scalars,
-                         report_params_without_direction, response_nll_sum, to_device, token_logps,
+from run_guard import StepGuard, hold_output_dir, main_process_first, run_main
+from train_utils import (MetricLog, build_optimizer, build_parser, build_scheduler, check_args, check_reference_sets,
+                         end_run, load_policy, load_tokenizer, make_accelerator, make_projector, make_update_projector,
+                         projection_scalars, report_params_without_direction, response_nll_sum, to_device, token_logps,
                          total_optimizer_steps)
 
 
@@ -40,7 +41,7 @@ def main():
     hold_output_dir(args.output_dir)  # one run per output folder, before anything in it is read
     args = check_args(args, "sft_pg")
     accelerator = make_accelerator(args)
-    guard = StepGuard(accelerator, args)  # from here on SIGTERM stops the run after a step, with a checkpoint
+    guard = StepGuard(accelerator, args)  # SIGTERM or Ctrl-C now stop the run after a step, with a checkpoint
     set_seed(args.seed)
     prepare_output_dir(args, accelerator)
     log, device = accelerator.print, accelerator.device
@@ -49,16 +50,20 @@ def main():
     # ---- data -------------------------------------------------------------------------------------------------
     tokenizer = load_tokenizer(args.resume_from_checkpoint or args.model_name_or_path, args)  # resuming: the saved one
     pad = tokenizer.pad_token_id
-    with accelerator.main_process_first():
-        examples = load_tokenized(args.dataset, args, tokenizer, ranking=False, log=log)
+    fingerprints = {}  # dataset -> fingerprint of its tokenized examples: a resumed run must find the same data
+    with main_process_first(accelerator):  # a data error on the main process stops every process with it
+        examples = load_tokenized(args.dataset, args, tokenizer, ranking=False, log=log, fingerprints=fingerprints)
         reference_sets = []
         for name in (args.base_dataset.split(",") if args.base_method != "none" else []):
-            ref = load_tokenized(name, args, tokenizer, ranking=False, log=log)
+            ref = load_tokenized(name, args, tokenizer, ranking=False, log=log, fingerprints=fingerprints)
             if len(ref) < args.base_num_samples:
                 log(f"reference set {name} has {len(ref)} samples (< --base_num_samples {args.base_num_samples}): "
                     "using all of them")
             reference_sets.append(ReferenceSet(name, ref, lambda b: collate_sft(b, pad), response_nll_sum,
                                                lambda e: e["num_targets"]))
+    check_reference_sets(reference_sets, args)
+    if args.resume_from_checkpoint:
+        check_data_unchanged(args.resume_from_checkpoint, fingerprints, log)
     references = ReferenceGradients(reference_sets, args.base_num_samples, args.base_directions, args.base_batch_size)
 
     # ---- model, optimizer, schedule, projection ---------------------------------------------------------------
@@ -72,7 +77,7 @@ def main():
     scheduler = build_scheduler(backend.scheduled_optimizer, args, total_steps)
     projector = make_projector(args, backend)
     update_projector = make_update_projector(args, backend, projector)
-    checkpoints = Checkpointer(args, accelerator, model, tokenizer, backend, scheduler, projector)
+    checkpoints = Checkpointer(args, accelerator, model, tokenizer, backend, scheduler, projector, fingerprints)
     step, extra = 0, {}
     if args.resume_from_checkpoint:
         step, extra = checkpoints.load(args.resume_from_checkpoint, sampler.global_batch)

@@ -5,9 +5,13 @@ process, DDP, DeepSpeed ZeRO) in backends.py, checkpoints in checkpoint.py, data
 """
 
 import argparse
+import copy
+import importlib.util
+import inspect
 import json
 import math
 import os
+import warnings
 import socket
 import time
 from datetime import timedelta
@@ -18,19 +22,35 @@ import torch.nn.functional as F
 
 import ogpsa_core
 from backends import configure_deepspeed, describe_engine, enable_fsdp2
-from checkpoint import check_resume_flags, json_safe, resolve_resume, write_json, write_text_atomic
+from checkpoint import (check_output_dir_apart, check_resume_flags, json_safe, resolve_resume, verify_model_files,
+                        write_json, write_text_atomic)
 from data_utils import IGNORE_INDEX, TEMPLATES, apply_template
 from run_guard import UserError, first_line
 
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
               "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
+SCHEDULE_FROM_FLAGS = {  # arguments of transformers' schedule functions that the scripts fill from flags
+    "optimizer": "the optimizer", "num_warmup_steps": "--warmup_steps or --warmup_ratio",
+    "num_training_steps": "--max_steps or --num_train_epochs", "last_epoch": "the resume",
+}
+SCHEDULE_NEEDS = {  # what a schedule cannot run without, with an example (transformers gives it no default)
+    "cosine_with_min_lr": ("min_lr or min_lr_rate", {"min_lr_rate": 0.1}),
+    "warmup_stable_decay": ("num_decay_steps", {"num_decay_steps": 100}),
+}
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # --report_to value: the package to pip install
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, with its errors as UserErrors: one line `error: argument --x: ...`, exit 2, no usage dump."""
+    """argparse, with its errors as UserErrors: one line `error: argument --x: ...`, exit 2, no usage dump. An
+    --output_dir that is or holds a model the run reads is refused here, before the scripts take its lock."""
 
     def error(self, message):
         raise UserError(message)
+
+    def parse_args(self, args=None, namespace=None):
+        parsed = super().parse_args(args, namespace)
+        check_output_dir_apart(parsed)
+        return parsed
 
 
 def checked(type_, test, requirement):
@@ -51,6 +71,17 @@ POSITIVE_FLOAT = checked(float, lambda v: math.isfinite(v) and v > 0, "finite an
 NON_NEGATIVE_FLOAT = checked(float, lambda v: math.isfinite(v) and v >= 0, "finite and >= 0")
 FINITE_FLOAT = checked(float, math.isfinite, "finite")
 FRACTION = checked(float, lambda v: 0 <= v < 1, "in [0, 1)")
+
+
+def json_object(text):
+    """An argparse type: a JSON object (keys sorted, so that equal settings compare equal on resume)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({err.msg}): {text}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object such as '{{\"min_lr_rate\": 0.1}}', got {text}")
+    return dict(sorted(value.items()))
 
 
 def str2bool(value):
@@ -131,6 +162,9 @@ def build_parser(description, stage, default_lr):
     flag(g, "--per_device_train_batch_size", POSITIVE_INT, default=8, help="samples per micro-batch per process")
     flag(g, "--gradient_accumulation_steps", POSITIVE_INT, default=1, help="micro-batches per optimizer step")
     flag(g, "--lr_scheduler_type", default="linear", choices=SCHEDULERS, help="learning-rate schedule")
+    flag(g, "--lr_scheduler_kwargs", json_object, default=None,
+         help="JSON object of the schedule's own settings, as Hugging Face's Trainer takes them: cosine_with_min_lr "
+              "needs min_lr or min_lr_rate, warmup_stable_decay num_decay_steps (e.g. '{\"num_decay_steps\": 100}')")
     flag(g, "--warmup_steps", NON_NEGATIVE_INT, default=0, help="linear warm-up steps")
     flag(g, "--warmup_ratio", FRACTION, default=0.0, help="warm-up as a fraction of all steps (if --warmup_steps is 0)")
     flag(g, "--optim", default="adamw_torch", choices=["adamw_torch", "sgd"],
@@ -154,8 +188,8 @@ def build_parser(description, stage, default_lr):
     flag(g, "--resume_from_checkpoint", default=None,
          help="checkpoint folder to resume from, or True for the newest in OUTPUT_DIR")
     flag(g, "--logging_steps", POSITIVE_INT, default=10, help="log every N optimizer steps")
-    flag(g, "--report_to", default="none", choices=["none", "tensorboard", "wandb", "all"],
-         help="experiment trackers (through Accelerate)")
+    flag(g, "--report_to", default="none", choices=["none", *TRACKERS, "all"],
+         help="experiment trackers (through Accelerate); all: every installed one")
     flag(g, "--plot_loss", bool, default=False, help="write the loss curve as a PNG into OUTPUT_DIR")
     flag(g, "--include_num_input_tokens_seen", bool, default=False, help="log the number of input tokens seen")
 
@@ -208,8 +242,14 @@ def check_args(args, stage):
         raise UserError("--base_scale only applies to --base_method threshold")
     if args.base_project_update and args.base_method != "orthogonal_projection":
         raise UserError("--base_project_update needs --base_method orthogonal_projection")
-    if args.report_to == "all":
-        args.report_to = "tensorboard,wandb"
+    if args.base_method != "none" and args.base_directions > args.base_num_samples:
+        raise UserError(f"--base_directions {args.base_directions} needs at least that many reference samples per set, "
+                        f"but --base_num_samples is {args.base_num_samples}: lower --base_directions or raise "
+                        "--base_num_samples")
+    args.report_to = check_trackers(args.report_to)
+    check_flash_attn(args.flash_attn)
+    args.lr_scheduler_kwargs = args.lr_scheduler_kwargs or {}
+    check_scheduler_kwargs(args)
     if args.max_steps <= 0 and args.num_train_epochs <= 0:
         raise UserError("set --num_train_epochs or --max_steps to a positive value")
     args.base_batch_size = args.base_batch_size or args.per_device_train_batch_size
@@ -217,6 +257,77 @@ def check_args(args, stage):
     if args.resume_from_checkpoint:
         check_resume_flags(args, args.resume_from_checkpoint)
     return args
+
+
+def check_trackers(report_to):
+    """--report_to as Accelerate's log_with list ("none" or comma-separated); a tracker whose package is not
+    installed is refused, as Accelerate would only warn and report nothing. `all`: the installed ones."""
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+    available = {"tensorboard": is_tensorboard_available(), "wandb": is_wandb_available()}  # Accelerate's checks
+    if report_to == "all":
+        installed = [name for name in TRACKERS if available[name]]
+        if not installed:
+            raise UserError(f"--report_to all: none of {', '.join(TRACKERS)} is installed (pip install "
+                            f"{' or '.join(TRACKERS.values())}), or pass --report_to none")
+        return ",".join(installed)
+    if report_to != "none" and not available[report_to]:
+        raise UserError(f"--report_to {report_to}: the {TRACKERS[report_to]} package is not installed, so nothing "
+                        f"would be reported; pip install {TRACKERS[report_to]}, or pass --report_to none")
+    return report_to
+
+
+def check_flash_attn(choice):
+    """--flash_attn fa2 needs the flash-attn package and a GPU it runs on: refuse it here rather than when the
+    model loads."""
+    if choice != "fa2":
+        return
+    from transformers.utils import is_flash_attn_2_available
+
+    if importlib.util.find_spec("flash_attn") is None:
+        raise UserError("--flash_attn fa2 needs the flash-attn package, which is not installed (pip install "
+                        "flash-attn --no-build-isolation); or use --flash_attn sdpa")
+    if not is_flash_attn_2_available():
+        raise UserError("--flash_attn fa2: flash-attn is installed but transformers cannot use it here (it needs a "
+                        "CUDA GPU and a flash-attn version transformers supports); use --flash_attn sdpa")
+
+
+def check_scheduler_kwargs(args):
+    """--lr_scheduler_kwargs must hold the settings of transformers' schedule function for --lr_scheduler_type and
+    no other key: an unknown key is refused by name with the accepted ones, a missing required one likewise, and a
+    schedule built from them on a throwaway optimizer must build (wrong values fail here, not after the model
+    loaded)."""
+    name, given = args.lr_scheduler_type, args.lr_scheduler_kwargs
+    if not given:  # nothing to check, unless the schedule needs a setting (and no transformers import: it is slow)
+        if name in SCHEDULE_NEEDS:
+            needs, example = SCHEDULE_NEEDS[name]
+            raise UserError(f"--lr_scheduler_type {name} needs --lr_scheduler_kwargs with {needs}, e.g. "
+                            f"'{json.dumps(example)}'")
+        return
+    from transformers import get_scheduler
+    from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION, SchedulerType
+
+    parameters = inspect.signature(TYPE_TO_SCHEDULER_FUNCTION[SchedulerType(name)]).parameters
+    accepted = [key for key in parameters if key not in SCHEDULE_FROM_FLAGS]
+    for key in given:
+        if key in SCHEDULE_FROM_FLAGS:
+            raise UserError(f"--lr_scheduler_kwargs: {key} is set by {SCHEDULE_FROM_FLAGS[key]}, not here")
+        if key not in accepted:
+            raise UserError(f"--lr_scheduler_kwargs: '{key}' is not a setting of --lr_scheduler_type {name} (its "
+                            f"settings: {', '.join(accepted) or 'none'})")
+    missing = [key for key in accepted if parameters[key].default is inspect.Parameter.empty and key not in given]
+    if missing:
+        raise UserError(f"--lr_scheduler_type {name} needs --lr_scheduler_kwargs with {', '.join(missing)}, e.g. "
+                        f"'{json.dumps({key: 100 for key in missing})}'")
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=args.learning_rate)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the real schedule warns, once, when it is built
+            get_scheduler(name, optimizer, num_warmup_steps=0, num_training_steps=100,
+                          scheduler_specific_kwargs=given)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"--lr_scheduler_type {name} with --lr_scheduler_kwargs {json.dumps(given)}: "
+                        f"{first_line(err)}") from None
 
 
 LORA_DEFAULTS = {"lora_rank": 8, "lora_dropout": 0.0, "lora_target": "all", "use_rslora": False}  # LLaMA-Factory's
@@ -244,6 +355,7 @@ def resolve_lora_flags(args):
 
     try:
         saved = PeftConfig.from_pretrained(args.adapter_name_or_path)
+        verify_model_files(args.adapter_name_or_path, "--adapter_name_or_path")
     except (OSError, ValueError) as err:
         raise UserError(f"--adapter_name_or_path {args.adapter_name_or_path}: not a LoRA adapter in PEFT's format "
                         f"(adapter_config.json) ({first_line(err)})") from None
@@ -283,6 +395,7 @@ def make_accelerator(args):
                         "the decoder's ModuleList, which fully_shard rejects; use TRANSFORMER_BASED_WRAP (or NO_WRAP)")
     check_launched_precision(args)
     config, stage = deepspeed_file_config(args)
+    quiet_transformers_bars()
     if stage == 0:  # ZeRO stage 0 is plain data parallelism: run it as DDP (the whole reduced gradient per rank)
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "false"
     plugin = DeepSpeedPlugin(hf_ds_config=config, zero3_init_flag=stage == 3) if config and stage else None
@@ -290,6 +403,8 @@ def make_accelerator(args):
     if use_deepspeed:
         quiet_deepspeed_deprecations()
         announce_deepspeed_builds(config)
+    else:
+        hide_deepspeed_cpu_notice()
     if use_deepspeed and "LOCAL_RANK" not in os.environ:  # `python script.py --deepspeed ...`: one process
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
@@ -347,10 +462,31 @@ def deepspeed_file_config(args):
     if not Path(path).is_file():
         raise UserError(f"--deepspeed {path}: no such file")
     try:
-        config = json.loads(Path(path).read_text())
+        config = json.loads(Path(path).read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as err:
         raise UserError(f"DeepSpeed config {path}: not valid JSON ({err})") from None
+    # Refuse what the config gets wrong now, on a copy, rather than once DeepSpeed has started (half a minute or
+    # more); the same function fills the real config once Accelerate has read it.
+    configure_deepspeed(copy.deepcopy(config), args, int(os.environ.get("WORLD_SIZE", "1")))
     return config, config.get("zero_optimization", {}).get("stage", 0)
+
+
+def quiet_transformers_bars():
+    """transformers draws a progress bar each time it loads or writes a model (every checkpoint): they fill a log.
+    Turn off transformers' own bars only; downloads from the hub keep theirs."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_tqdm_hook(lambda factory, args, kwargs: factory(*args, **{**kwargs, "disable": True}))
+
+
+def hide_deepspeed_cpu_notice():
+    """Without DeepSpeed, Accelerate still imports it when it unwraps a model (to test for DeepSpeed's engine), and
+    DeepSpeed then warns "Setting accelerator to CPU" on a machine without a GPU, in the middle of the progress bar.
+    Hide exactly that warning (a filter on DeepSpeed's logger, which keeps it when DeepSpeed sets it up)."""
+    import logging
+
+    logging.getLogger("DeepSpeed").addFilter(
+        lambda record: not record.getMessage().startswith("Setting accelerator to CPU"))
 
 
 def quiet_deepspeed_deprecations():
@@ -385,32 +521,41 @@ def free_port():
         return probe.getsockname()[1]
 
 
-def check_model_path(path, what="model"):
-    """Refuse a local folder without a model, and say plainly when a path is neither a folder nor a hub id. The
+def check_model_path(path, flag, tokenizer=False):
+    """Refuse a local folder without a model or with a damaged weights file (checked when the tokenizer loads from it,
+    before the data), and say plainly when a path is neither a folder nor a hub id; `flag` names it in messages. The
     tokenizer of a LoRA checkpoint or adapter folder needs no model weights there."""
     folder = Path(path)
     is_adapter = (folder / "adapter_config.json").is_file()
     if folder.is_dir():
-        if is_adapter and what == "tokenizer":
+        if is_adapter and tokenizer:
             return
         if not (folder / "config.json").is_file() and is_adapter:
-            raise UserError(f"model {path}: a LoRA adapter, not a model; pass its base model as --model_name_or_path "
+            raise UserError(f"{flag} {path}: a LoRA adapter, not a model; pass its base model as --model_name_or_path "
                             f"and --finetuning_type lora --adapter_name_or_path {path} (or its merged export, "
                             "--export_merged True)")
         if not (folder / "config.json").is_file():
-            raise UserError(f"model {path}: the folder has no config.json; is it a model folder?")
+            raise UserError(f"{flag} {path}: the folder has no config.json; is it a model folder?")
         if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
-            raise UserError(f"model {path}: the folder has a config.json but no weights (*.safetensors or "
+            raise UserError(f"{flag} {path}: the folder has a config.json but no weights (*.safetensors or "
                             "*.bin); was the model saved completely?")
+        verify_model_files(folder, flag)
     elif folder.exists():
-        raise UserError(f"model {path}: a file, not a model folder")
+        raise UserError(f"{flag} {path}: a file, not a model folder")
     elif str(path).startswith((".", "/", "~")) or str(path).count("/") > 1:  # not a hub id either
-        raise UserError(f"model {path}: no such folder")
+        raise UserError(f"{flag} {path}: no such folder")
 
 
-def from_pretrained(load, path, what, **kwargs):
-    """`load(path)` (a transformers from_pretrained), with a missing or unreachable model as a UserError."""
-    check_model_path(path, what)
+def model_flag(path, args):
+    """The flag that names the model folder `path` (for messages)."""
+    return next((f"--{name}" for name in ("model_name_or_path", "ref_model", "resume_from_checkpoint", "base_model")
+                 if str(getattr(args, name, None)) == str(path)), "model")
+
+
+def from_pretrained(load, path, what, args, **kwargs):
+    """`load(path)` (a transformers from_pretrained of the `what`, model or tokenizer), with a missing or unreachable
+    model as a UserError."""
+    check_model_path(path, model_flag(path, args), tokenizer=what == "tokenizer")
     try:
         return load(path, **kwargs)
     except (OSError, ValueError) as err:  # not on the hub, no network, not a valid hub id
@@ -424,7 +569,7 @@ def load_model(path, args, dtype=torch.float32):
     from transformers import AutoModelForCausalLM
 
     attention = {"auto": None, "disabled": "eager", "sdpa": "sdpa", "fa2": "flash_attention_2"}[args.flash_attn]
-    model = from_pretrained(AutoModelForCausalLM.from_pretrained, path, "model", dtype=dtype,
+    model = from_pretrained(AutoModelForCausalLM.from_pretrained, path, "model", args, dtype=dtype,
                             attn_implementation=attention, trust_remote_code=args.trust_remote_code)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -489,7 +634,7 @@ def report_params_without_direction(projector, model, accelerator, step):
 def load_tokenizer(path, args):
     from transformers import AutoTokenizer
 
-    tokenizer = from_pretrained(AutoTokenizer.from_pretrained, path, "tokenizer",
+    tokenizer = from_pretrained(AutoTokenizer.from_pretrained, path, "tokenizer", args,
                                 trust_remote_code=args.trust_remote_code)
     try:
         apply_template(tokenizer, args.template)
@@ -515,11 +660,33 @@ def build_scheduler(optimizer, args, total_steps):
     from transformers import get_scheduler
 
     warmup = args.warmup_steps or math.ceil(args.warmup_ratio * total_steps)
-    return get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    settings = args.lr_scheduler_kwargs or {}
+    if args.lr_scheduler_type == "warmup_stable_decay" and "num_stable_steps" not in settings and \
+            warmup + settings["num_decay_steps"] > total_steps:
+        raise UserError(f"--lr_scheduler_kwargs num_decay_steps {settings['num_decay_steps']} and {warmup} warm-up "
+                        f"steps exceed the run's {total_steps} steps: lower num_decay_steps")
+    return get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps,
+                         scheduler_specific_kwargs=settings)
 
 
 def total_optimizer_steps(args, steps_per_epoch):
     return args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+
+
+def check_reference_sets(sets, args):
+    """Before the model loads: refuse reference sets (ogpsa_core.ReferenceSet) that cannot give --base_directions
+    directions: fewer samples than directions, or a direction whose samples have no trainable unit (every response
+    cut away by --cutoff_len), whose gradient would be 0/0."""
+    for ref in sets:
+        try:
+            chunks = ogpsa_core.reference_chunks(len(ref.examples), args.base_num_samples, args.base_directions)
+        except ValueError as err:
+            raise UserError(f"reference set '{ref.name}': {err}") from None
+        for k, chunk in enumerate(chunks):
+            if not sum(ref.weight(ref.examples[i]) for i in chunk):
+                raise UserError(f"reference set '{ref.name}' has no trainable token in direction {k + 1} of "
+                                f"{len(chunks)} (samples {chunk[0] + 1}-{chunk[-1] + 1}): --cutoff_len "
+                                f"{args.cutoff_len} cuts all their responses away; raise --cutoff_len")
 
 
 def make_projector(args, backend):
@@ -663,20 +830,27 @@ class MetricLog:
     def finish(self, step, summary_keys=(), log_scale=()):
         """Close the bar; write the plot (--plot_loss; `log_scale`: keys plotted on a log scale) and
         train_results.json: the step, the mean loss over all steps, the runtime, and the first and last logged value
-        of each of `summary_keys`."""
+        of each of `summary_keys`; end with one line that says where the model (or adapter, and the merged model)
+        and the plot are."""
         self.bar.close()
         if not self.accelerator.is_main_process:
             return
         records = [json.loads(line) for line in self.path.read_text().splitlines()]
+        plot = None
         if self.args.plot_loss and records:
             keys = sorted((k for k in records[-1] if k not in self.NOT_PLOTTED), key=lambda k: k != "loss")
-            self.accelerator.print(f"loss curve: {plot_curves(self.args.output_dir, keys, log_scale)}")
+            plot = plot_curves(self.args.output_dir, keys, log_scale)
         first, last = (records[0], records[-1]) if records else ({}, {})
         summary = {"global_step": step, "train_loss": self.loss_sum / step if step else None,
                    "train_runtime_s": last.get("elapsed_s")}
         for key in summary_keys:
             summary[f"first_{key}"], summary[f"last_{key}"] = first.get(key), last.get(key)
         write_json(Path(self.args.output_dir, "train_results.json"), summary)
+        lora = self.args.finetuning_type == "lora"
+        self.accelerator.print(
+            f"done: the {'adapter' if lora else 'model'} is in {self.args.output_dir}"
+            + (f", merged into the model in {Path(self.args.output_dir, 'merged')}" if self.args.export_merged else "")
+            + (f"; loss curve: {plot}" if plot else ""))
 
 
 def projection_scalars(stats, projector, update_stats=None, refresh_seconds=None):

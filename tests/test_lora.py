@@ -212,7 +212,7 @@ def test_lora_flags_follow_llama_factory(tiny_model, lora_runs, tmp_path):
         (["--finetuning_type", "lora", "--adapter_name_or_path", str(trained), "--lora_target", "q_proj"],
          "--lora_target q_proj contradicts"),
         (["--finetuning_type", "lora", "--adapter_name_or_path", f"{trained},{trained}"], "one adapter only"),
-        (["--finetuning_type", "lora", "--adapter_name_or_path", str(tmp_path)], "not a LoRA adapter"),
+        (["--finetuning_type", "lora", "--adapter_name_or_path", str(tiny_model)], "not a LoRA adapter"),
         (["--finetuning_type", "freeze"], "invalid choice: 'freeze'"),
     ]
     for flags, message in refusals:
