@@ -212,7 +212,8 @@ def test_a_write_error_while_saving_keeps_the_previous_checkpoints_and_names_the
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     args = parse(flags(tiny_model, tmp_path))
     optimizer = torch.optim.AdamW(model.parameters())
-    backend = SimpleNamespace(grad_slice=SimpleNamespace(sharded=False), optimizer_state=optimizer.state_dict)
+    backend = SimpleNamespace(grad_slice=SimpleNamespace(sharded=False), optimizer_state=optimizer.state_dict,
+                              engine_name="one process or DDP")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     saver = Checkpointer(args, FakeAccelerator(), model, AutoTokenizer.from_pretrained(tiny_model), backend,
                          scheduler, None)
