@@ -19,7 +19,7 @@ batches of 4, `ReferenceGradients.refresh`) against the 30 SFT steps between two
 
 Lengths (see README, "Throughput"): assumed PKU-SafeRLHF-like unless --dataset gives a real dataset.
 
-CPU (the committed results, bench/results/throughput-cpu.json; about 8 minutes on 2 cores):
+CPU (the committed results, bench/results/throughput-cpu.json; about 7 minutes on 2 cores):
     python bench/throughput.py --config cpu
 GPU (Qwen2-0.5B shape, bf16; sdpa, and flash_attention_2 where flash-attn is installed):
     python bench/throughput.py --config gpu
@@ -67,7 +67,7 @@ MODELS = {  # Qwen2 shapes, random weights
 }
 REFRESH_VARIANTS = ["padded", "length-aware", "padding-free + length-aware"]
 CONFIGS = {  # length_scale shrinks every length (the smoke check's only); refresh: the variants it is timed with
-    "cpu": dict(model="cpu", bf16=False, attention=["sdpa"], warmup=1, repetitions=3, refresh_samples=200,
+    "cpu": dict(model="cpu", bf16=False, attention=["sdpa"], warmup=1, repetitions=8, refresh_samples=200,
                 refresh_variants=REFRESH_VARIANTS[:2], length_scale=1.0),
     "gpu": dict(model="0.5b", bf16=True, attention=["sdpa", "flash_attention_2"], warmup=2, repetitions=10,
                 refresh_samples=200, refresh_variants=REFRESH_VARIANTS, length_scale=1.0),
@@ -345,14 +345,18 @@ def markdown(results):
         expected = next(iter(section.values()))["expected_padding"]
         lines.append(f"| {stage} | {expected['padded']:.0%} | {expected['length-aware']:.0%} "
                      f"| {expected['padding_cut']:.0%} | {expected['positions_speedup']:.2f}x |")
-    lines += ["", "| stage | attention | variant | tokens/s | padded (measured steps) | step s | speed-up vs padded |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["", "| stage | attention | variant | tokens/s | padded (measured steps) | step s | speed-up vs padded "
+                  "(median; quartiles over the repetitions) |", "|---|---|---|---|---|---|---|"]
     for stage, section in results["stages"].items():
         for attention, measured in section.items():
+            padded_seconds = measured["variants"]["padded"]["step_seconds"]
             for name, v in measured["variants"].items():
+                ratios = [a / b for a, b in zip(padded_seconds, v["step_seconds"])]
+                spread = "" if len(ratios) < 4 else \
+                    " ({:.2f}-{:.2f})".format(*statistics.quantiles(ratios, n=4)[::2])
                 lines.append(f"| {stage} {measured['per_device_batch']} x {measured['accumulation']} | {attention} "
                              f"| {name} | {v['tokens_per_s']:.0f} | {v['padded_fraction']:.0%} | {v['step_s']:.2f} "
-                             f"| {v['speedup']:.2f}x |")
+                             f"| {v['speedup']:.2f}x{spread} |")
     refresh = next((m["refresh"] for m in results["stages"].get("sft", {}).values() if "refresh" in m), None)
     if refresh:
         lines += ["", f"| refresh ({refresh['samples']} samples every {refresh['every_steps']} SFT steps) | refresh s "
