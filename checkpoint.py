@@ -30,6 +30,7 @@ RESUME_MAY_CHANGE = {
     "strict_data",  # stops on the rows it would otherwise drop: a run that gets past loading uses the same rows
     "base_batch_size",  # micro-batches of the reference gradients: the same sums, grouped otherwise (its default
     # follows --per_device_train_batch_size, whose split of the global batch may change too)
+    "length_aware_micro_batches", "padding_free",  # each step's samples and loss stay; only the sums' grouping
 }
 # Only their product with the number of processes (the global batch) must match: Checkpointer.load checks it.
 RESUME_GLOBAL_BATCH = {"per_device_train_batch_size", "gradient_accumulation_steps"}

@@ -805,23 +805,47 @@ def pad_batch(sequences, value):
     return torch.tensor([list(s) + [value] * (width - len(s)) for s in sequences], dtype=torch.long)
 
 
-def collate_sft(examples, pad_token_id):
-    return {
-        "input_ids": pad_batch([e["input_ids"] for e in examples], pad_token_id),
-        "attention_mask": pad_batch([[1] * len(e["input_ids"]) for e in examples], 0),
-        "labels": pad_batch([e["labels"] for e in examples], IGNORE_INDEX),
-    }
+def sequences_of(example):
+    """The token sequences an example puts into a batch: its input ids, or a pair's chosen and rejected ones."""
+    return [example["input_ids"]] if "input_ids" in example else [example["chosen_input_ids"],
+                                                                  example["rejected_input_ids"]]
 
 
-def collate_pairs(examples, pad_token_id):
-    """Chosen rows first, then rejected rows, in one padded batch of 2B sequences (one forward pass)."""
-    sequences = [e["chosen_input_ids"] for e in examples] + [e["rejected_input_ids"] for e in examples]
-    labels = [e["chosen_labels"] for e in examples] + [e["rejected_labels"] for e in examples]
-    return {
-        "input_ids": pad_batch(sequences, pad_token_id),
-        "attention_mask": pad_batch([[1] * len(s) for s in sequences], 0),
-        "labels": pad_batch(labels, IGNORE_INDEX),
-    }
+def padded_length(example):
+    """Positions each of an example's sequences takes in a padded batch: collate_pairs pads a pair's chosen and
+    rejected sequences to one width, so a pair is as long as the longer of the two."""
+    return max(len(s) for s in sequences_of(example))
+
+
+def collate(sequences, labels, pad_token_id, padding_free):
+    """A batch of B sequences: padded to the longest, (B, T) with an attention mask; or padding-free, all of them
+    in one row (1, N) with position ids restarting at 0 per sequence and no attention mask.
+
+    In the padding-free row transformers keeps the sequences apart from the position ids alone: a block-diagonal
+    causal mask for sdpa and eager, FlashAttention-2's variable-length kernel for flash_attention_2 (see
+    train_utils.check_padding_free). Each sequence's first label is ignored there (the position before it ends the
+    previous sequence); num_targets never counts it either. `sequence_lengths` (B,) lets train_utils.token_logps
+    put per-token values back into the padded (B, T) layout.
+    """
+    if not padding_free:
+        return {"input_ids": pad_batch(sequences, pad_token_id),
+                "attention_mask": pad_batch([[1] * len(s) for s in sequences], 0),
+                "labels": pad_batch(labels, IGNORE_INDEX)}
+    return {"input_ids": torch.tensor([[t for s in sequences for t in s]], dtype=torch.long),
+            "position_ids": torch.tensor([[p for s in sequences for p in range(len(s))]], dtype=torch.long),
+            "labels": torch.tensor([[x for row in labels for x in [IGNORE_INDEX, *row[1:]]]], dtype=torch.long),
+            "sequence_lengths": torch.tensor([len(s) for s in sequences], dtype=torch.long)}
+
+
+def collate_sft(examples, pad_token_id, padding_free=False):
+    return collate([e["input_ids"] for e in examples], [e["labels"] for e in examples], pad_token_id, padding_free)
+
+
+def collate_pairs(examples, pad_token_id, padding_free=False):
+    """Chosen sequences first, then rejected ones, in one batch of 2B sequences (one forward pass)."""
+    return collate([e["chosen_input_ids"] for e in examples] + [e["rejected_input_ids"] for e in examples],
+                   [e["chosen_labels"] for e in examples] + [e["rejected_labels"] for e in examples], pad_token_id,
+                   padding_free)
 
 
 class StepSampler:
@@ -830,14 +854,20 @@ class StepSampler:
     Each epoch is a seeded permutation (seed + epoch). Optimizer step s of an epoch takes the next
     global_batch = per_device_batch x world_size x grad_accum samples (the last step of an epoch is completed
     with samples from the start of the permutation, as DistributedSampler pads). Micro-batch m of rank r takes
-    positions [(m x world_size + r) x per_device_batch, ...) of the step, so a run on N processes with batch B
-    sees, micro-batch by micro-batch, the same samples as one process with batch N x B.
+    positions [(m x world_size + r) x per_device_batch, ...) of the step, so without `lengths` a run on N
+    processes with batch B sees, micro-batch by micro-batch, the same samples as one process with batch N x B.
+
+    With `lengths` (each sample's padded length), the step's samples are first reordered by length
+    (`by_length`): each micro-batch then holds samples of similar length, so little of it is padding, and the
+    ranks get similar token counts. The step keeps its samples, and the loss is normalised over the whole step,
+    so the step's loss and gradient are the same sum in another order. The order is a function of (seed, step,
+    lengths): every rank computes the same one, and resuming needs only the step.
     """
 
-    def __init__(self, num_samples, per_device_batch, world_size, rank, grad_accum, seed):
+    def __init__(self, num_samples, per_device_batch, world_size, rank, grad_accum, seed, lengths=None):
         self.num_samples, self.per_device_batch = num_samples, per_device_batch
         self.world_size, self.rank, self.grad_accum = world_size, rank, grad_accum
-        self.seed = seed
+        self.seed, self.lengths = seed, lengths
         self.global_batch = per_device_batch * world_size * grad_accum
         self.steps_per_epoch = math.ceil(num_samples / self.global_batch)
         self._order = (None, None)  # (epoch, permutation): made once per epoch, not once per call
@@ -855,9 +885,61 @@ class StepSampler:
         positions = torch.arange(within * self.global_batch, (within + 1) * self.global_batch) % self.num_samples
         return order[positions].tolist()
 
+    def by_length(self, indices):
+        """The step's samples in the order whose positional split gives length-aware micro-batches.
+
+        Sorted longest first (ties keep the step's order) and cut into world_size x grad_accum groups of
+        per_device_batch: each group is one micro-batch of similar lengths. Round m (micro-batch m of every rank)
+        takes the next world_size groups, so the ranks run micro-batches of similar length side by side; within a
+        round the groups go to the ranks in snake order (rank 0 gets the longest group of rounds 0, 2, ... and the
+        shortest of rounds 1, 3, ...), which evens out each rank's total. Every rank starts with its longest
+        micro-batch, so a step that does not fit in memory fails at once.
+        """
+        b, w = self.per_device_batch, self.world_size
+        ordered = sorted(indices, key=lambda i: -self.lengths[i])
+        dealt = []
+        for m in range(self.grad_accum):
+            groups = [ordered[(m * w + r) * b:(m * w + r + 1) * b] for r in range(w)]
+            dealt += [i for group in (groups if m % 2 == 0 else groups[::-1]) for i in group]
+        return dealt
+
+    def assignment(self, step):
+        """Every rank's micro-batches of step `step`: [micro-batch m][rank r] -> sample indices."""
+        indices = self.step_indices(step)
+        if self.lengths is not None:
+            indices = self.by_length(indices)
+        b, w = self.per_device_batch, self.world_size
+        return [[indices[(m * w + r) * b:(m * w + r + 1) * b] for r in range(w)] for m in range(self.grad_accum)]
+
     def micro_batches(self, step):
         """This rank's micro-batches (lists of sample indices) for optimizer step `step`."""
-        indices = self.step_indices(step)
-        b = self.per_device_batch
-        return [indices[(m * self.world_size + self.rank) * b:(m * self.world_size + self.rank + 1) * b]
-                for m in range(self.grad_accum)]
+        return [ranks[self.rank] for ranks in self.assignment(step)]
+
+
+def padding_fraction(sampler, examples, steps):
+    """The share of the positions that padded micro-batches compute (every rank's, over `steps`) that is padding."""
+    computed = real = 0
+    for step in steps:
+        for ranks in sampler.assignment(step):
+            for indices in ranks:
+                lengths = [len(s) for i in indices for s in sequences_of(examples[i])]
+                computed += len(lengths) * max(lengths)
+                real += sum(lengths)
+    return 1 - real / computed
+
+
+def describe_batching(sampler, examples, padding_free):
+    """One log line: how micro-batches are formed and what share of the computed positions is padding over the
+    first epoch, against the positional assignment with padding."""
+    steps = range(sampler.steps_per_epoch)
+    positional = StepSampler(sampler.num_samples, sampler.per_device_batch, sampler.world_size, sampler.rank,
+                             sampler.grad_accum, sampler.seed)
+    before = f"{padding_fraction(positional, examples, steps):.0%}"
+    aware = sampler.lengths is not None
+    if padding_free:
+        return (f"padding-free micro-batches{', length-aware' if aware else ''}: no padding (padded micro-batches "
+                f"in sampled order: {before} of the positions in the first epoch)")
+    if aware:
+        return (f"length-aware micro-batches: padding {before} -> {padding_fraction(sampler, examples, steps):.0%} "
+                "of the positions in the first epoch")
+    return f"micro-batches in sampled order: padding {before} of the positions in the first epoch"

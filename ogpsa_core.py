@@ -568,11 +568,14 @@ class ReferenceSet:
 class ReferenceGradients:
     """The reference sets and how their directions are taken: the first `num_samples` examples of each set, split
     into `num_directions` chunks, one direction per chunk (the gradient of the chunk's mean loss over its units),
-    in micro-batches of `batch_size` per process."""
+    in micro-batches of `batch_size` per process. With `length(example)`, each chunk is taken longest first, so its
+    micro-batches hold similar lengths (little padding) and the ranks similar totals; a direction is a sum over its
+    chunk, so only the grouping of that sum changes."""
 
-    def __init__(self, sets, num_samples, num_directions, batch_size):
+    def __init__(self, sets, num_samples, num_directions, batch_size, length=None):
         self.sets, self.num_samples, self.num_directions, self.batch_size = sets, num_samples, num_directions, \
             batch_size
+        self.length = length
 
     def refresh(self, projector, backend, model, step, device):
         """Collect the directions with the training backend and rebuild the basis; leaves no trace. Returns seconds.
@@ -590,6 +593,8 @@ class ReferenceGradients:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             for k, (ref, chunk) in enumerate(plans):
                 units = sum(ref.weight(ref.examples[i]) for i in chunk)
+                if self.length is not None:
+                    chunk = sorted(chunk, key=lambda i: -self.length(ref.examples[i]))
                 batches = rank_micro_batches(chunk, rank, world, self.batch_size)
                 for j, indices in enumerate(batches):
                     # A chunk with no unit (every response cut away: the scripts refuse that before training) gives

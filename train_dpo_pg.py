@@ -29,14 +29,15 @@ from accelerate.utils import set_seed
 
 from backends import make_backend, prepare_reference_model
 from checkpoint import Checkpointer, check_data_unchanged, is_save_step, prepare_output_dir, write_json
-from data_utils import DataError, StepSampler, collate_pairs, collate_sft, is_ranking, load_tokenized
+from data_utils import (DataError, StepSampler, collate_pairs, collate_sft, describe_batching, is_ranking,
+                        load_tokenized, padded_length)
 from ogpsa_core import ReferenceGradients, ReferenceSet
 from run_guard import StepGuard, UserError, hold_output_dir, main_process_first, run_main
 from train_utils import (NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, AdapterDisabled, MetricLog, build_optimizer, build_parser,
-                         build_scheduler, check_args, check_reference_sets, checked, end_run, flag, load_model,
-                         load_policy, load_tokenizer, make_accelerator, make_projector, make_update_projector,
-                         projection_scalars, report_params_without_direction, response_nll_sum, response_positions,
-                         to_device, token_logps, total_optimizer_steps)
+                         build_scheduler, check_args, check_padding_free, check_reference_sets, checked, end_run,
+                         flag, input_tokens, load_model, load_policy, load_tokenizer, make_accelerator,
+                         make_projector, make_update_projector, projection_scalars, report_params_without_direction,
+                         response_nll_sum, response_positions, to_device, token_logps, total_optimizer_steps)
 
 
 LOSSES = ("sigmoid", "ipo", "hinge")
@@ -72,8 +73,8 @@ def pair_logps(model, batch, average):
     """Response log-probabilities of a collate_pairs batch (B pairs: chosen rows first, then rejected).
 
     Returns chosen (B,), rejected (B,), the chosen responses' mean-token log-probability (B,), and the logits
-    (2B, T, vocab) for any extra loss term. Sums over response tokens, or means when `average` (IPO). Prompt
-    tokens never count: their labels are ignored.
+    for any extra loss term (2B, T, vocab; padding-free: (1, N, vocab), see token_logps). Sums over response
+    tokens, or means when `average` (IPO). Prompt tokens never count: their labels are ignored.
     """
     logps, logits = token_logps(model, batch)
     counts = response_positions(batch).sum(-1).clamp(min=1)  # a response cut away by --cutoff_len has none
@@ -84,18 +85,21 @@ def pair_logps(model, batch, average):
 
 
 @torch.no_grad()
-def reference_logps(ref_model, examples, pad, batch_size, average, device, accelerator):
+def reference_logps(ref_model, examples, pad, batch_size, average, device, accelerator, padding_free=False,
+                    length=None):
     """Reference log-probabilities (chosen, rejected) of every example, computed once: (N, 2) on every rank.
 
-    Ranks take every world_size-th example; an all-reduce of the zero-filled table assembles it.
+    Ranks take every world_size-th example (of the examples sorted longest first, with `length`: micro-batches of
+    similar lengths); an all-reduce of the zero-filled table assembles it.
     """
     world, rank = accelerator.num_processes, accelerator.process_index
     table = torch.zeros(len(examples), 2, dtype=torch.float32, device=device)
-    mine = list(range(rank, len(examples), world))
+    order = sorted(range(len(examples)), key=lambda i: -length(examples[i])) if length else range(len(examples))
+    mine = list(order)[rank::world]
     # Every rank runs the same number of batches: a ZeRO-3 forward pass is collective.
     for start in range(0, math.ceil(len(examples) / world), batch_size):
         indices = mine[start:start + batch_size]
-        batch = collate_pairs([examples[i] for i in (indices or [0])], pad)
+        batch = collate_pairs([examples[i] for i in (indices or [0])], pad, padding_free)
         chosen, rejected, _, _ = pair_logps(ref_model, to_device(batch, device), average)
         if indices:
             table[indices] = torch.stack([chosen, rejected], -1).float()
@@ -141,7 +145,8 @@ def main():
 
     # ---- data -------------------------------------------------------------------------------------------------
     tokenizer = load_tokenizer(args.resume_from_checkpoint or args.model_name_or_path, args)  # resuming: the saved one
-    pad = tokenizer.pad_token_id
+    pad, padding_free = tokenizer.pad_token_id, args.padding_free
+    length = padded_length if args.length_aware_micro_batches else None  # None: micro-batches in sampled order
     fingerprints = {}  # dataset -> fingerprint of its tokenized examples: a resumed run must find the same data
     with main_process_first(accelerator):  # a data error on the main process stops every process with it
         examples = load_tokenized(args.dataset, args, tokenizer, ranking=True, log=log, fingerprints=fingerprints)
@@ -153,8 +158,8 @@ def main():
                     raise DataError(f"reference set '{name}' is not preference pairs: --base_loss {args.base_loss} "
                                     "needs pairs; pass --base_loss sft to take the gradient of an SFT reference set")
                 ref = load_tokenized(name, args, tokenizer, ranking=False, log=log, fingerprints=fingerprints)
-                reference_sets.append(ReferenceSet(name, ref, lambda b: collate_sft(b, pad), response_nll_sum,
-                                                   lambda e: e["num_targets"]))
+                reference_sets.append(ReferenceSet(name, ref, lambda b: collate_sft(b, pad, padding_free),
+                                                   response_nll_sum, lambda e: e["num_targets"]))
                 continue
             ref = load_tokenized(name, args, tokenizer, ranking=True, log=log, fingerprints=fingerprints)
             if len(ref) < args.base_num_samples:
@@ -162,10 +167,11 @@ def main():
                     "using all of them")
             if args.base_loss == "sft":
                 reference_sets.append(ReferenceSet(name, ref, lambda b: collate_sft(
-                    [{"input_ids": e["chosen_input_ids"], "labels": e["chosen_labels"]} for e in b], pad),
-                    response_nll_sum, lambda e: e["num_targets"]))
+                    [{"input_ids": e["chosen_input_ids"], "labels": e["chosen_labels"]} for e in b], pad,
+                    padding_free), response_nll_sum, lambda e: e["num_targets"]))
             elif args.base_loss == "pairs_nll":
-                reference_sets.append(ReferenceSet(name, ref, lambda b: collate_pairs(b, pad), response_nll_sum,
+                reference_sets.append(ReferenceSet(name, ref, lambda b: collate_pairs(b, pad, padding_free),
+                                                   response_nll_sum,
                                                    lambda e: e["num_targets"] + e["num_targets_rejected"]))
             else:
                 reference_pairs[name] = ref
@@ -179,8 +185,11 @@ def main():
     optimizer = build_optimizer(model, args)
     model, optimizer = accelerator.prepare(model, optimizer)
     backend = make_backend(accelerator, model, optimizer)
+    if padding_free:  # refuse a model that would let packed sequences attend to each other
+        check_padding_free(model, accelerator)
     sampler = StepSampler(len(examples), args.per_device_train_batch_size, world, rank,
-                          args.gradient_accumulation_steps, args.seed)
+                          args.gradient_accumulation_steps, args.seed,
+                          lengths=[length(e) for e in examples] if length else None)
     total_steps = total_optimizer_steps(args, sampler.steps_per_epoch)
     scheduler = build_scheduler(backend.scheduled_optimizer, args, total_steps)
     projector = make_projector(args, backend)
@@ -200,10 +209,12 @@ def main():
         else:
             ref_model = prepare_reference_model(accelerator, load_model(args.ref_model or args.model_name_or_path,
                                                                         args))
+            if padding_free:
+                check_padding_free(ref_model, accelerator, "reference model")
         if args.precompute_ref_log_probs:
             for name, pairs in [("train", examples), *reference_pairs.items()]:
                 ref_table[name] = reference_logps(ref_model, pairs, pad, args.per_device_train_batch_size, average,
-                                                  device, accelerator)
+                                                  device, accelerator, padding_free, length)
             ref_model = None  # not held during training
             log("precomputed reference log-probabilities; the reference model is released")
 
@@ -224,8 +235,9 @@ def main():
                                    args.dpo_label_smoothing).sum()
 
         indexed = [{**e, "index": i} for i, e in enumerate(pairs)]
-        reference_sets.append(ReferenceSet(name, indexed, lambda b: {**collate_pairs(b, pad), "indices": torch.tensor(
-            [e["index"] for e in b])}, dpo_sum, lambda e: 1))
+        reference_sets.append(ReferenceSet(name, indexed, lambda b: {**collate_pairs(b, pad, padding_free),
+                                                                     "indices": torch.tensor([e["index"] for e in b])},
+                                           dpo_sum, lambda e: 1))
     if accelerator.is_main_process:
         write_json(Path(args.output_dir, "training_args.json"), vars(args))
     log(f"{len(examples)} pairs, {sampler.steps_per_epoch} steps per epoch, {total_steps} steps, global batch "
@@ -233,8 +245,10 @@ def main():
         f"{args.gradient_accumulation_steps} accumulation; {args.pref_loss} loss, beta {args.pref_beta}; OGPSA: "
         + (f"{args.base_method}, {args.base_scope}, base loss {args.base_loss}, {len(reference_sets)} sets x "
            f"{args.base_directions} directions" if projector else "off"))
+    log(describe_batching(sampler, examples, padding_free))
 
-    references = ReferenceGradients(reference_sets, args.base_num_samples, args.base_directions, args.base_batch_size)
+    references = ReferenceGradients(reference_sets, args.base_num_samples, args.base_directions, args.base_batch_size,
+                                    length)
     metrics = MetricLog(accelerator, args, total_steps, step, extra)
     refresh_seconds = None
     model.train()
@@ -248,7 +262,7 @@ def main():
         micro_batches = sampler.micro_batches(step)
         loss_share = 0.0  # this rank's part of the step's loss (the sum over ranks is the loss)
         for m, indices in enumerate(micro_batches):
-            batch = to_device(collate_pairs([examples[i] for i in indices], pad), device)
+            batch = to_device(collate_pairs([examples[i] for i in indices], pad, padding_free), device)
             with backend.micro_batch(sync=m == len(micro_batches) - 1):
                 chosen, rejected, chosen_mean, logits = pair_logps(model, batch, average)  # logits: for extra terms
                 ref_chosen, ref_rejected = reference_for("train", examples, indices, batch)
@@ -267,7 +281,7 @@ def main():
                                ("logps/rejected", rejected)]:
                 metrics.add(key, value.sum(), len(indices))
             if args.include_num_input_tokens_seen:
-                metrics.count("num_input_tokens_seen", batch["attention_mask"].sum())
+                metrics.count("num_input_tokens_seen", input_tokens(batch))
 
         # ---- project, clip, step ------------------------------------------------------------------------------
         log_now = (step + 1) % args.logging_steps == 0 or step + 1 == total_steps

@@ -27,13 +27,13 @@ from accelerate.utils import set_seed
 
 from backends import make_backend
 from checkpoint import Checkpointer, check_data_unchanged, is_save_step, prepare_output_dir, write_json
-from data_utils import StepSampler, collate_sft, load_tokenized
+from data_utils import StepSampler, collate_sft, describe_batching, load_tokenized, padded_length
 from ogpsa_core import ReferenceGradients, ReferenceSet
 from run_guard import StepGuard, hold_output_dir, main_process_first, run_main
-from train_utils import (MetricLog, build_optimizer, build_parser, build_scheduler, check_args, check_reference_sets,
-                         end_run, load_policy, load_tokenizer, make_accelerator, make_projector, make_update_projector,
-                         projection_scalars, report_params_without_direction, response_nll_sum, to_device, token_logps,
-                         total_optimizer_steps)
+from train_utils import (MetricLog, build_optimizer, build_parser, build_scheduler, check_args, check_padding_free,
+                         check_reference_sets, end_run, input_tokens, load_policy, load_tokenizer, make_accelerator,
+                         make_projector, make_update_projector, projection_scalars, report_params_without_direction,
+                         response_nll_sum, to_device, token_logps, total_optimizer_steps)
 
 
 def main():
@@ -49,7 +49,8 @@ def main():
 
     # ---- data -------------------------------------------------------------------------------------------------
     tokenizer = load_tokenizer(args.resume_from_checkpoint or args.model_name_or_path, args)  # resuming: the saved one
-    pad = tokenizer.pad_token_id
+    pad, padding_free = tokenizer.pad_token_id, args.padding_free
+    length = padded_length if args.length_aware_micro_batches else None  # None: micro-batches in sampled order
     fingerprints = {}  # dataset -> fingerprint of its tokenized examples: a resumed run must find the same data
     with main_process_first(accelerator):  # a data error on the main process stops every process with it
         examples = load_tokenized(args.dataset, args, tokenizer, ranking=False, log=log, fingerprints=fingerprints)
@@ -59,20 +60,24 @@ def main():
             if len(ref) < args.base_num_samples:
                 log(f"reference set {name} has {len(ref)} samples (< --base_num_samples {args.base_num_samples}): "
                     "using all of them")
-            reference_sets.append(ReferenceSet(name, ref, lambda b: collate_sft(b, pad), response_nll_sum,
-                                               lambda e: e["num_targets"]))
+            reference_sets.append(ReferenceSet(name, ref, lambda b: collate_sft(b, pad, padding_free),
+                                               response_nll_sum, lambda e: e["num_targets"]))
     check_reference_sets(reference_sets, args)
     if args.resume_from_checkpoint:
         check_data_unchanged(args.resume_from_checkpoint, fingerprints, log)
-    references = ReferenceGradients(reference_sets, args.base_num_samples, args.base_directions, args.base_batch_size)
+    references = ReferenceGradients(reference_sets, args.base_num_samples, args.base_directions, args.base_batch_size,
+                                    length)
 
     # ---- model, optimizer, schedule, projection ---------------------------------------------------------------
     model = load_policy(args)  # full: every weight trains; lora: adapters on the frozen model
     optimizer = build_optimizer(model, args)
     model, optimizer = accelerator.prepare(model, optimizer)
     backend = make_backend(accelerator, model, optimizer)
+    if padding_free:  # refuse a model that would let packed sequences attend to each other
+        check_padding_free(model, accelerator)
     sampler = StepSampler(len(examples), args.per_device_train_batch_size, world, rank,
-                          args.gradient_accumulation_steps, args.seed)
+                          args.gradient_accumulation_steps, args.seed,
+                          lengths=[length(e) for e in examples] if length else None)
     total_steps = total_optimizer_steps(args, sampler.steps_per_epoch)
     scheduler = build_scheduler(backend.scheduled_optimizer, args, total_steps)
     projector = make_projector(args, backend)
@@ -90,6 +95,7 @@ def main():
         f"{args.gradient_accumulation_steps} accumulation; OGPSA: "
         + (f"{args.base_method}, {args.base_scope}, {len(reference_sets)} sets x {args.base_directions} directions"
            if projector else "off"))
+    log(describe_batching(sampler, examples, padding_free))
 
     metrics = MetricLog(accelerator, args, total_steps, step, extra)
     refresh_seconds = None
@@ -105,7 +111,7 @@ def main():
         micro_batches = sampler.micro_batches(step)
         loss_share = 0.0  # this rank's part of the step's loss (the sum over ranks is the loss)
         for m, indices in enumerate(micro_batches):
-            batch = to_device(collate_sft([examples[i] for i in indices], pad), device)
+            batch = to_device(collate_sft([examples[i] for i in indices], pad, padding_free), device)
             with backend.micro_batch(sync=m == len(micro_batches) - 1):
                 logps, logits = token_logps(model, batch)  # logits: for any extra loss term
                 nll = -logps.sum()
@@ -113,7 +119,7 @@ def main():
             loss_share = loss_share + nll.detach().double() / step_targets
             metrics.add("loss", nll, sum(examples[i]["num_targets"] for i in indices))
             if args.include_num_input_tokens_seen:
-                metrics.count("num_input_tokens_seen", batch["attention_mask"].sum())
+                metrics.count("num_input_tokens_seen", input_tokens(batch))
 
         # ---- project, clip, step ------------------------------------------------------------------------------
         log_now = (step + 1) % args.logging_steps == 0 or step + 1 == total_steps

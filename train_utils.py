@@ -178,6 +178,14 @@ def build_parser(description, stage, default_lr):
     flag(g, "--bf16", bool, default=False, help="bfloat16 mixed precision (float32 master weights)")
     flag(g, "--fp16", bool, default=False, help="not supported: use --bf16")
 
+    g = parser.add_argument_group("batching (speed only: each step's samples, loss and gradient stay the same)")
+    flag(g, "--length_aware_micro_batches", bool, default=True,
+         help="deal each optimizer step's samples to micro-batches and ranks by length, so that micro-batches hold "
+              "similar lengths (little padding) and ranks similar token counts; False: in sampled order")
+    flag(g, "--padding_free", bool, default=False,
+         help="put each micro-batch's sequences into one row without padding (position ids restart per sequence); "
+              "pays off with --flash_attn fa2 (see README, Throughput)")
+
     g = parser.add_argument_group("saving and logging")
     flag(g, "--save_strategy", default="steps", choices=["steps", "epoch", "no"], help="when to write checkpoints")
     flag(g, "--save_steps", POSITIVE_INT, default=500,
@@ -713,25 +721,84 @@ def make_update_projector(args, backend, projector):
 def token_logps(model, batch):
     """Forward pass: (log-probability of every label token given its prefix, logits).
 
-    Returns logps (B, T) float32, 0 where labels are ignored, and the logits (B, T, vocab) for extra loss terms.
+    Returns logps (B, T) float32, 0 where labels are ignored, and the logits for extra loss terms: (B, T, vocab)
+    for a padded batch; for a padding-free one (data_utils.collate), the model's single row, (1, N, vocab), whose
+    logps are put back into the padded (B, T) layout (`per_sequence`), so what follows is the same for both.
     Position t predicts token t + 1, so labels are shifted left by one instead of slicing the logits: logps[:, t]
     and logits[:, t] belong to the same position.
     """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    if "position_ids" in batch:  # padding-free: positions restart per sequence; no mask (see check_padding_free)
+        inputs = {"position_ids": batch["position_ids"]}
+    else:
+        inputs = {"attention_mask": batch["attention_mask"]}
+    logits = model(input_ids=batch["input_ids"], **inputs, use_cache=False).logits
     labels = next_token_labels(batch)
     nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
                           reduction="none")
-    return -nll.view(labels.shape), logits
+    return per_sequence(batch, -nll.view(labels.shape)), logits
 
 
 def next_token_labels(batch):
-    """(B, T) the token each position predicts (labels shifted left by one), IGNORE_INDEX where none counts."""
+    """The token each position of the batch's rows predicts (labels shifted left by one), IGNORE_INDEX where none
+    counts. In a padding-free row the position before a sequence predicts its first label, which is ignored."""
     return F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
+def per_sequence(batch, values, fill=0):
+    """Per-position values of the batch's rows in the padded (B, T) layout: unchanged for a padded batch; from a
+    padding-free row of N, sequence b's positions go to row b and the rest is `fill`."""
+    if "sequence_lengths" not in batch:
+        return values
+    lengths = batch["sequence_lengths"]
+    inside = torch.arange(int(lengths.max()), device=lengths.device) < lengths[:, None]
+    return values.new_full(inside.shape, fill).masked_scatter(inside, values.reshape(-1))
 
 
 def response_positions(batch):
     """(B, T) bool: the positions whose predicted token is a response token (where token_logps counts)."""
-    return next_token_labels(batch) != IGNORE_INDEX
+    return per_sequence(batch, next_token_labels(batch) != IGNORE_INDEX, False)
+
+
+def input_tokens(batch):
+    """Tokens the batch holds, padding not counted (for --include_num_input_tokens_seen)."""
+    return batch["sequence_lengths"].sum() if "sequence_lengths" in batch else batch["attention_mask"].sum()
+
+
+@torch.no_grad()
+def check_padding_free(model, accelerator, what="model"):
+    """--padding_free: refuse a model that does not keep the sequences of a padding-free row apart.
+
+    transformers 5.23 keeps them apart from the position ids alone, when no attention mask and no cache are
+    passed: masking_utils.find_packed_sequence_indices turns the restarts into a block-diagonal causal mask for
+    sdpa and eager, and modeling_flash_attention_utils runs FlashAttention-2's variable-length kernel on the
+    sequences of a single row. A model class that builds its mask in its own way (remote code, older ports), or an
+    attention implementation outside those, would let each sequence attend to the ones before it in the row, with
+    no error. So this runs two sequences of random tokens packed in one row and compares the second one's logits
+    with the ones it gets alone. Kept apart, they differ by rounding: ~1e-6 of the logits in float32, ~1e-2 under
+    bf16 autocast. Attending across, they differ by what the first sequence changes, measured here too (the same
+    row with an all-ones mask: restarting positions, one causal sequence). The check asks for under a tenth of that
+    change: on the tiny test model rounding gave 2e-7 of it in float32 and 4e-3 in bf16, and mixing gives all.
+    """
+    unwrapped = accelerator.unwrap_model(model)
+    device, generator = accelerator.device, torch.Generator().manual_seed(0)
+    first, second = (torch.randint(unwrapped.config.vocab_size, (n,), generator=generator) for n in (24, 8))
+    row = torch.cat([first, second])[None].to(device)
+    positions = torch.cat([torch.arange(24), torch.arange(8)])[None].to(device)
+    training = model.training
+    model.eval()  # no dropout
+    try:
+        alone = model(input_ids=second[None].to(device), use_cache=False).logits[0].float()
+        packed = model(input_ids=row, position_ids=positions, use_cache=False).logits[0, 24:].float()
+        mixed = model(input_ids=row, position_ids=positions, attention_mask=torch.ones_like(row),
+                      use_cache=False).logits[0, 24:].float()
+    finally:
+        model.train(training)
+    error, crossing = (packed - alone).norm().item(), (mixed - alone).norm().item()
+    if not error <= 0.1 * crossing:
+        raise UserError(f"--padding_free True: the {what} ({type(unwrapped).__name__}, attention "
+                        f"{unwrapped.config._attn_implementation}) does not keep the sequences of a "
+                        f"padding-free row apart: a sequence packed after another got logits {error:.3g} away from "
+                        f"its own (attending to the other one moves them {crossing:.3g}); use --padding_free False")
 
 
 def response_nll_sum(model, batch):

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The demo, on the CPU: set up .venv, build the tiny Qwen2 model, then safety SFT with OGPSA followed by safety DPO
-# with OGPSA starting from the SFT output, then safety SFT of LoRA adapters with OGPSA (adapter plus merged model),
-# then the evaluation of the SFT, DPO and LoRA models against the tiny base model on held-out data (report and plot).
-# Extra arguments go to every training run.
+# with OGPSA starting from the SFT output, then safety SFT of LoRA adapters with OGPSA (adapter plus merged model)
+# on padding-free batches, then the evaluation of the SFT, DPO and LoRA models against the tiny base model on held-out
+# data (report and plot). Every run deals its micro-batches by length (the default). Extra arguments go to every
+# training run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
@@ -26,6 +27,7 @@ $PY train_dpo_pg.py --model_name_or_path outputs/demo-sft --dataset_dir data --d
 $PY train_sft_pg.py --model_name_or_path models/tiny-qwen2 --dataset_dir data --dataset demo_safety_sft \
   --base_dataset demo_general_a_sft,demo_general_b_sft --base_num_samples 200 --base_num_steps 10 \
   --base_method orthogonal_projection --finetuning_type lora --lora_rank 8 --lora_target all --export_merged True \
+  --padding_free True \
   --per_device_train_batch_size 8 --gradient_accumulation_steps 2 --learning_rate 5e-3 --lr_scheduler_type cosine \
   --num_train_epochs 2 --logging_steps 5 --save_strategy epoch --output_dir outputs/demo-sft-lora \
   --overwrite_output_dir True --plot_loss True "$@"

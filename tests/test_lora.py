@@ -55,14 +55,14 @@ def lora_runs(tiny_model, tmp_path_factory):
     made on first use; "single" is one process with the global batch of the 2-process runs."""
     cache = {}
 
-    def get(script, scope, project_update, method="orthogonal_projection", backend="single"):
-        key = script, scope, project_update, method, backend
+    def get(script, scope, project_update, method="orthogonal_projection", backend="single", padding_free=False):
+        key = script, scope, project_update, method, backend, padding_free
         if key not in cache:
             out = tmp_path_factory.mktemp(f"lora-{'-'.join(map(str, key))}")
             single = backend == "single"
             args = lora_run_args(script, tiny_model, out, base_scope=scope, base_project_update=project_update,
                                  base_method=method, per_device_train_batch_size=4 if single else 2,
-                                 export_merged=single)
+                                 export_merged=single, padding_free=padding_free)
             cache[key] = out, run_script(SCRIPTS[script][0], args + BACKENDS.get(backend, []),
                                          nproc=1 if single else 2, **LAUNCH.get(backend, {}))
         return cache[key]
@@ -88,6 +88,15 @@ def test_two_processes_equal_one(lora_runs, backend, script, scope, project_upda
         assert all(record["update_removed_fraction"] > 0 for record in log)
     # LoRA starts with B = 0, so every A's first reference gradient is zero; the log says so.
     assert "14 are LoRA A matrices, whose gradient is zero while B is zero" in single_result.stdout
+
+
+def test_padding_free_equals_padded(lora_runs):
+    """--padding_free (tests/test_throughput.py) with LoRA: DPO under DDP, where the policy, its disabled-adapter
+    reference and the reference gradients all run on padding-free rows, ends with the padded one-process adapter."""
+    single, _ = lora_runs("dpo", "per_param", False)
+    packed, result = lora_runs("dpo", "per_param", False, backend="ddp", padding_free=True)
+    assert "padding-free micro-batches" in result.stdout
+    assert_adapters_equal(adapter(single), adapter(packed))
 
 
 @pytest.mark.parametrize("backend, script, scope, project_update, method", [DISTRIBUTED[2], DISTRIBUTED[4]])
