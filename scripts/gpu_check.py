@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 CONFIGS = ROOT / "accelerate_configs"
 BF16_COS = 4 * 2.0 ** -8  # the guard's bound for bf16 (backends.GUARD_MAX_COS)
 SECTIONS = ("training", "perf", "throughput")
-MODEL_SHAPE = ["--vocab_size", "2048", "--hidden_size", "256", "--num_layers", "4"]  # 4.3M parameters, head dim 64
+MODEL_SHAPE = ["--vocab_size", "2048", "--hidden_size", "256", "--num_layers", "4"]  # 2.8M parameters, head dim 64
 COMMON = {"dataset_dir": "data", "template": "qwen", "max_samples": 64, "max_steps": 4, "logging_steps": 1,
           "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "learning_rate": 1e-3,
           "base_num_samples": 32, "base_num_steps": 2, "save_strategy": "no", "bf16": True}
