@@ -94,7 +94,6 @@ def enable_fsdp2(accelerator):
     with the launch config's settings, and the runs (and the tests) go through the code a GPU run uses."""
     from accelerate import PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
     from torch.distributed.fsdp import CPUOffloadPolicy
 
     plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* variables `accelerate launch` set from the config
