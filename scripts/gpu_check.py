@@ -163,7 +163,9 @@ def check_parses(command):
             add_dpo_flags(build_parser("", "dpo_pg", 1e-6)).parse_args(flags)
         elif not script.is_file():
             return f"{script} does not exist"
-    except (UserError, SystemExit) as err:
+        else:  # a benchmark: its own parser
+            importlib.import_module(f"bench.{script.stem}").parse_settings(flags)
+    except (UserError, SystemExit) as err:  # argparse prints its own message, then exits with code 2
         return f"{script.name}: {err}"
     for part in command:
         if part.endswith((".json", ".yaml")) and "accelerate_configs" in part and not Path(ROOT, part).is_file():
@@ -172,8 +174,6 @@ def check_parses(command):
 
 
 def dry_run(gpus):
-    import bench.perf
-
     runs = training_plan(gpus)
     commands = [(run.name, run.command("OUT", "MODEL", 29500)) for run in runs]
     commands += [("perf", perf_command("OUT.json")), ("throughput", throughput_command("OUT.json"))]
@@ -183,7 +183,6 @@ def dry_run(gpus):
         print(f"{'FAILS' if problem else 'ok   '} {name}: {shlex.join(command)}" + (f"\n      {problem}" if problem
                                                                                     else ""))
         problems += [problem] if problem else []
-    bench.perf.parse_settings(perf_command("OUT.json")[2:])  # the benchmark's own parser
     print(f"{len(commands)} commands for {gpus} GPU(s) ({len(runs)} training runs); "
           f"{'all parse' if not problems else f'{len(problems)} do not parse'}")
     return not problems

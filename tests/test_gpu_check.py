@@ -28,6 +28,7 @@ def test_dry_run_catches_a_command_that_does_not_parse():
     assert "--base_scope" in gpu_check.check_parses(bad_value)
     missing = gpu_check.Run("bad", "sft", {}, launcher="accelerate", config="no_such.yaml").command("O", "M", 1)
     assert "no_such.yaml does not exist" in gpu_check.check_parses(missing)
+    assert gpu_check.check_parses(gpu_check.throughput_command("OUT.json") + ["--config", "huge"]) is not None
 
 
 def test_runs_are_judged_against_the_measured_bf16_rounding():
