@@ -354,14 +354,18 @@ class Projector:
         return self.grad_slice.reduce_(coeff)
 
     def _unit_sq_norms(self, pieces):
+        """Per-unit squared norms, in float32 whatever the gradient's dtype: a bfloat16 product would round each
+        tensor's squared norm to 8 bits (the guard compares these norms with the optimizer's to 1e-3)."""
         sq = torch.zeros(self.num_units, dtype=torch.float32, device=pieces[0][1].device)
         for _, g, batches in pieces:
             if self.scope == "global":
-                sq[0] += g.float().square().sum()
+                sq[0] += sum(g[lo:lo + CHUNK_NUMEL].float().square().sum() for lo in range(0, g.numel(), CHUNK_NUMEL))
             else:
+                if g.dtype != torch.float32:  # the float32 copy below then holds at most CHUNK_NUMEL entries
+                    batches = [chunk for b in batches for chunk in b.chunks(CHUNK_NUMEL)]
                 for b in batches:
-                    view = b.view(g)
-                    sq.index_add_(0, b.param_index, torch.bmm(view, view.transpose(1, 2)).reshape(-1).float())
+                    view = b.view(g).float()
+                    sq.index_add_(0, b.param_index, torch.bmm(view, view.transpose(1, 2)).reshape(-1))
         return self.grad_slice.reduce_(sq)
 
     # -- projection ----------------------------------------------------------------------------------------------

@@ -125,7 +125,8 @@ def test_every_command_parses(tmp_path, config):
     parsers = {"train_sft_pg.py": build_parser("", "sft_pg", 1e-5),
                "train_dpo_pg.py": train_dpo_pg.add_dpo_flags(build_parser("", "dpo_pg", 1e-6))}
     cfg = sweep.configure(config, ["pipelines=sft,dpo,sft_dpo"])
-    jobs = [job for seed in cfg.seeds for job in sweep.sweep_jobs(cfg, seed, tmp_path / f"seed-{seed}", tmp_path)]
+    pre = tmp_path / "pre"  # the pre-alignment model's folder, beside the runs' (not around them)
+    jobs = [job for seed in cfg.seeds for job in sweep.sweep_jobs(cfg, seed, tmp_path / f"seed-{seed}", pre)]
     runs = {sweep.run_name(r.pipeline, r.rate, key): (r, key) for r in sweep.regimes(cfg)
             for key in sweep.methods_of(cfg, r.pipeline)}
     assert len(jobs) == len(cfg.seeds) * len(runs)

@@ -5,7 +5,9 @@ fsdp_v2_offload_config.yaml) byte for byte, launched with `accelerate launch --c
 They set mixed_precision bf16; the float32 comparisons launch them with `--mixed_precision no`, the bf16 test as
 they are. Between them the runs cover every fsdp_config key that decides where a gradient entry lives: the
 transformer-layer wrap and no wrap, reshard_after_forward true and false, cpu_ram_efficient_loading true and
-false, FULL and SHARDED state dicts, CPU offload, activation checkpointing (FSDP's and --gradient_checkpointing).
+false, FULL and SHARDED state dicts, CPU offload, activation checkpointing (FSDP's and --gradient_checkpointing). One
+DPO run is padding-free (--padding_free True: the policy's and the sharded reference model's forward passes on packed
+rows) against the padded one-process run: the same sums (tests/test_throughput.py), so the same tolerance.
 
 Tolerance: weights within helpers.WEIGHTS_RTOL (1e-5) relative, as for DDP and ZeRO: both runs see the same samples
 in every micro-batch and normalise the loss by the global number of tokens (pairs), so only the float32 summation
@@ -57,7 +59,8 @@ RUNS = {
     "sft-global-3": ("sft", "global", 3, "fsdp_v2_config.yaml", False, {"gradient_checkpointing": True}, []),
     "sft-per_param-3-update": ("sft", "per_param", 3, "fsdp2_config.yaml", True, {}, [
         "--fsdp_reshard_after_forward", "false", "--fsdp_cpu_ram_efficient_loading", "false"]),
-    "dpo-global-2": ("dpo", "global", 2, "fsdp2_config.yaml", False, {}, ["--fsdp_activation_checkpointing", "true"]),
+    "dpo-global-2-padding-free": ("dpo", "global", 2, "fsdp2_config.yaml", False, {"padding_free": True},
+                                  ["--fsdp_activation_checkpointing", "true"]),
     "dpo-per_param-2-offload": ("dpo", "per_param", 2, "fsdp_v2_offload_config.yaml", False,
                                 {"precompute_ref_log_probs": True}, []),
     "dpo-global-2-update": ("dpo", "global", 2, "fsdp2_config.yaml", True, {}, []),
