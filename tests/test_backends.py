@@ -53,12 +53,15 @@ def test_configs_are_llama_factorys_stock_files():
         assert hashlib.sha256((CONFIGS / name).read_bytes()).hexdigest() == digest, name
 
 
-TWO_PROCESS_RUNS = [(backend, "sft") for backend in BACKENDS] + \
-    [(b, "dpo") for b in ("ddp", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload")]
+# Every stock file with SFT in both scopes; DPO, whose projection path is SFT's, on the files that hold a DPO
+# reference model differently (DDP, ZeRO-1/2/3, both offload files), one scope each, alternating.
+DPO_RUNS = [("ddp", "per_param"), ("zero1", "global"), ("zero2", "per_param"), ("zero3", "global"),
+            ("zero2_offload", "global"), ("zero3_offload", "per_param")]
+TWO_PROCESS_RUNS = [(backend, "sft", scope) for backend in BACKENDS for scope in ("per_param", "global")] + \
+    [(backend, "dpo", scope) for backend, scope in DPO_RUNS]
 
 
-@pytest.mark.parametrize("backend, script", TWO_PROCESS_RUNS)
-@pytest.mark.parametrize("scope", ["per_param", "global"])
+@pytest.mark.parametrize("backend, script, scope", TWO_PROCESS_RUNS)
 def test_two_processes_equal_one(tiny_model, tmp_path, single_runs, backend, script, scope):
     path, make_args = SCRIPTS[script]
     run_script(path, make_args(tiny_model, tmp_path, base_scope=scope, per_device_train_batch_size=2, max_steps=4)
@@ -69,8 +72,11 @@ def test_two_processes_equal_one(tiny_model, tmp_path, single_runs, backend, scr
     assert all(record["max_abs_cos"] < MAX_COS for record in read_log(tmp_path))
 
 
-@pytest.mark.parametrize("backend", ["zero0", "zero2", "zero3", "zero2_offload", "zero3_offload"])
-@pytest.mark.parametrize("scope", ["per_param", "global"])
+# ZeRO-2 and ZeRO-3 in both scopes; stage 0 (DDP) and the offload files, whose partitions are ZeRO-2's and
+# ZeRO-3's, in one scope each.
+@pytest.mark.parametrize("backend, scope", [("zero2", "per_param"), ("zero2", "global"), ("zero3", "per_param"),
+                                            ("zero3", "global"), ("zero0", "global"), ("zero2_offload", "per_param"),
+                                            ("zero3_offload", "global")])
 def test_three_processes_equal_one(tiny_model, tmp_path, single_runs, backend, scope):
     """Three ranks: the tiny model's tensor sizes are not multiples of 3, so ZeRO pads partitions and splits
     parameters across rank boundaries at odd offsets, which two ranks never do."""
@@ -162,15 +168,16 @@ def test_update_projection_under_ddp_equals_one_process(tiny_model, tmp_path):
     assert read_log(tmp_path / "ddp")[-1]["update_removed_fraction"] > 0
 
 
-# ZeRO-2 and ZeRO-3 with both scripts; 3 ranks (odd partition splits) and ZeRO-1 (ZeRO-2's optimizer step, with
-# the gradient unpartitioned) and offload with SFT only, which shares the DPO script's update-projection path.
-UPDATE_RUNS = [(backend, 2, script) for backend in ("zero2", "zero3") for script in ("sft", "dpo")] + \
-    [("zero2", 3, "sft"), ("zero3", 3, "sft"), ("zero1", 2, "sft"), ("zero2_offload", 2, "sft"),
-     ("zero3_offload", 2, "sft")]
+# ZeRO-2 and ZeRO-3 with both scripts and both scopes; 3 ranks (odd partition splits), ZeRO-1 (ZeRO-2's optimizer
+# step, with the gradient unpartitioned) and offload with SFT only, which shares the DPO script's update-projection
+# path, in one scope each.
+UPDATE_RUNS = [(backend, 2, script, scope) for backend in ("zero2", "zero3") for script in ("sft", "dpo")
+               for scope in ("per_param", "global")] + \
+    [("zero2", 3, "sft", "global"), ("zero3", 3, "sft", "per_param"), ("zero1", 2, "sft", "per_param"),
+     ("zero2_offload", 2, "sft", "global"), ("zero3_offload", 2, "sft", "per_param")]
 
 
-@pytest.mark.parametrize("backend, nproc, script", UPDATE_RUNS)
-@pytest.mark.parametrize("scope", ["per_param", "global"])
+@pytest.mark.parametrize("backend, nproc, script, scope", UPDATE_RUNS)
 def test_update_projection_under_zero_equals_one_process(tiny_model, tmp_path, single_runs, backend, nproc, script,
                                                           scope):
     """Each rank projects the change of its float32 master partition once every (sub-)group has stepped (on the CPU
@@ -267,8 +274,8 @@ def test_clipping_sees_the_projected_gradient(tiny_model, tmp_path, plain_step, 
     assert error / sum((v ** 2).sum() for v in expected.values()).sqrt() < 1e-4
 
 
-@pytest.mark.parametrize("backend, script, project_update", [("zero2", "sft", False), ("zero3", "dpo", False),
-                                                             ("zero2", "dpo", True), ("zero3", "sft", True)])
+@pytest.mark.parametrize("backend, script, project_update", [("zero3", "dpo", False), ("zero2", "dpo", True),
+                                                             ("zero3", "sft", True)])
 def test_resume_under_zero_equals_uninterrupted(tiny_model, tmp_path, backend, script, project_update):
     path, make_args = SCRIPTS[script]
     common = dict(per_device_train_batch_size=2, lr_scheduler_type="cosine", base_num_steps=4, max_steps=6,
