@@ -26,6 +26,7 @@ input ids and labels are LLaMA-Factory's; tests/test_parity.py checks this again
 import array
 import enum
 import hashlib
+import itertools
 import json
 import math
 import re
@@ -848,6 +849,34 @@ def collate_pairs(examples, pad_token_id, padding_free=False):
                    padding_free)
 
 
+def least_padding_runs(lengths, count, budget):
+    """Sizes of `count` consecutive runs of `lengths` (sorted longest first) that compute the fewest padded
+    positions, none more than `budget`: a run of n samples whose first (longest) has length L computes n x L.
+
+    Dynamic programming over runs: after k runs, least[j] is the fewest positions that cover the first j samples,
+    least[j] = min over i of least[i] + cost(i, j); each of the `count` rounds is one (n + 1, n) tensor operation.
+    Integer arithmetic, and ties go to the first start (torch.min's documented choice), so every rank computes the
+    same runs."""
+    n = len(lengths)
+    never = torch.iinfo(torch.int64).max // 4  # infeasible; two of them still add up without overflow
+    ends, starts = torch.arange(n + 1).unsqueeze(1), torch.arange(n).unsqueeze(0)
+    cost = (ends - starts) * torch.tensor(lengths, dtype=torch.int64)  # [j, i]: the run of samples i..j-1
+    cost = cost.masked_fill((ends <= starts) | (cost > budget), never)
+    least = torch.full((n + 1,), never, dtype=torch.int64)
+    least[0] = 0
+    starts_chosen = []
+    for _ in range(count):
+        least, chosen = (cost + least[:n]).min(1)
+        least = least.clamp(max=never)
+        starts_chosen.append(chosen)
+    sizes, end = [], n
+    for chosen in reversed(starts_chosen):
+        start = int(chosen[end])
+        sizes.append(end - start)
+        end = start
+    return sizes[::-1]
+
+
 class StepSampler:
     """Which samples each rank sees in each optimizer step; deterministic, so resuming needs only the step.
 
@@ -857,17 +886,18 @@ class StepSampler:
     positions [(m x world_size + r) x per_device_batch, ...) of the step, so without `lengths` a run on N
     processes with batch B sees, micro-batch by micro-batch, the same samples as one process with batch N x B.
 
-    With `lengths` (each sample's padded length), the step's samples are first reordered by length
-    (`by_length`): each micro-batch then holds samples of similar length, so little of it is padding, and the
-    ranks get similar token counts. The step keeps its samples, and the loss is normalised over the whole step,
-    so the step's loss and gradient are the same sum in another order. The order is a function of (seed, step,
-    lengths): every rank computes the same one, and resuming needs only the step.
+    With `lengths` (each sample's padded length), the step's samples are sorted by length and cut into runs, one
+    per micro-batch (`length_aware`): each micro-batch then holds samples of similar length, so little of it is
+    padding, and the ranks get similar token counts. The step keeps its samples, and the loss is normalised over
+    the whole step, so the step's loss and gradient are the same sum in another order. The assignment is a
+    function of (seed, step, lengths): every rank computes the same one, and resuming needs only the step.
     """
 
-    def __init__(self, num_samples, per_device_batch, world_size, rank, grad_accum, seed, lengths=None):
+    def __init__(self, num_samples, per_device_batch, world_size, rank, grad_accum, seed, lengths=None,
+                 padding_free=False):
         self.num_samples, self.per_device_batch = num_samples, per_device_batch
         self.world_size, self.rank, self.grad_accum = world_size, rank, grad_accum
-        self.seed, self.lengths = seed, lengths
+        self.seed, self.lengths, self.padding_free = seed, lengths, padding_free
         self.global_batch = per_device_batch * world_size * grad_accum
         self.steps_per_epoch = math.ceil(num_samples / self.global_batch)
         self._order = (None, None)  # (epoch, permutation): made once per epoch, not once per call
@@ -885,29 +915,38 @@ class StepSampler:
         positions = torch.arange(within * self.global_batch, (within + 1) * self.global_batch) % self.num_samples
         return order[positions].tolist()
 
-    def by_length(self, indices):
-        """The step's samples in the order whose positional split gives length-aware micro-batches.
+    def length_aware(self, indices):
+        """The step's samples as [micro-batch m][rank r] -> indices, in runs of similar length.
 
-        Sorted longest first (ties keep the step's order) and cut into world_size x grad_accum groups of
-        per_device_batch: each group is one micro-batch of similar lengths. Round m (micro-batch m of every rank)
-        takes the next world_size groups, so the ranks run micro-batches of similar length side by side; within a
-        round the groups go to the ranks in snake order (rank 0 gets the longest group of rounds 0, 2, ... and the
-        shortest of rounds 1, 3, ...), which evens out each rank's total. Every rank starts with its longest
-        micro-batch, so a step that does not fit in memory fails at once.
+        Sorted longest first (ties keep the step's order) and cut into world_size x grad_accum consecutive runs.
+        Padded micro-batches take the runs with the fewest padded positions (`least_padding_runs`): their sizes
+        vary, short samples going many to a micro-batch, but none computes more positions than the step's longest
+        sample times per_device_batch, the largest micro-batch of equal sizes, so memory stays what it was.
+        Padding-free micro-batches have no padding to save and keep per_device_batch samples each. The runs, the
+        costliest first, go to the rounds world_size at a time (round m: micro-batch m of every rank), so ranks
+        that wait for each other after every micro-batch run similar work side by side; within a round they go
+        to the ranks in snake order (rank 0 gets the costliest run of rounds 0, 2, ... and the cheapest of rounds
+        1, 3, ...), which evens out each rank's total. Every rank starts with its costliest micro-batch, so a
+        step that does not fit in memory fails at once.
         """
         b, w = self.per_device_batch, self.world_size
         ordered = sorted(indices, key=lambda i: -self.lengths[i])
-        dealt = []
+        lengths = [self.lengths[i] for i in ordered]
+        sizes = ([b] * (w * self.grad_accum) if self.padding_free
+                 else least_padding_runs(lengths, w * self.grad_accum, budget=b * lengths[0]))
+        starts = itertools.accumulate(sizes[:-1], initial=0)
+        runs = sorted(zip(starts, sizes), key=lambda run: -run[1] * lengths[run[0]])  # stable: ties keep order
+        assignment = []
         for m in range(self.grad_accum):
-            groups = [ordered[(m * w + r) * b:(m * w + r + 1) * b] for r in range(w)]
-            dealt += [i for group in (groups if m % 2 == 0 else groups[::-1]) for i in group]
-        return dealt
+            round_runs = [ordered[start:start + size] for start, size in runs[m * w:(m + 1) * w]]
+            assignment.append(round_runs if m % 2 == 0 else round_runs[::-1])
+        return assignment
 
     def assignment(self, step):
         """Every rank's micro-batches of step `step`: [micro-batch m][rank r] -> sample indices."""
         indices = self.step_indices(step)
         if self.lengths is not None:
-            indices = self.by_length(indices)
+            return self.length_aware(indices)
         b, w = self.per_device_batch, self.world_size
         return [[indices[(m * w + r) * b:(m * w + r + 1) * b] for r in range(w)] for m in range(self.grad_accum)]
 

@@ -189,7 +189,7 @@ def main():
         check_padding_free(model, accelerator)
     sampler = StepSampler(len(examples), args.per_device_train_batch_size, world, rank,
                           args.gradient_accumulation_steps, args.seed,
-                          lengths=[length(e) for e in examples] if length else None)
+                          lengths=[length(e) for e in examples] if length else None, padding_free=padding_free)
     total_steps = total_optimizer_steps(args, sampler.steps_per_epoch)
     scheduler = build_scheduler(backend.scheduled_optimizer, args, total_steps)
     projector = make_projector(args, backend)

@@ -19,7 +19,7 @@ batches of 4, `ReferenceGradients.refresh`) against the 30 SFT steps between two
 
 Lengths (see README, "Throughput"): assumed PKU-SafeRLHF-like unless --dataset gives a real dataset.
 
-CPU (the committed results, bench/results/throughput-cpu.json; about 7 minutes on 2 cores):
+CPU (the committed results, bench/results/throughput-cpu.json; about 3 minutes on 2 quiet cores):
     python bench/throughput.py --config cpu
 GPU (Qwen2-0.5B shape, bf16; sdpa, and flash_attention_2 where flash-attn is installed):
     python bench/throughput.py --config gpu
@@ -242,24 +242,25 @@ def measure_stage(stage, attention, settings, accelerator, output_dir):
                           backend=make_backend(accelerator, model, optimizer),
                           reference=prepare_reference_model(accelerator, reference) if pairs else None)
     lengths = [padded_length(e) for e in examples]
-    samplers = {aware: StepSampler(len(examples), batch, 1, 0, accumulation, settings.seed,
-                                   lengths=lengths if aware else None) for aware in (False, True)}
+    samplers = {variant: StepSampler(len(examples), batch, 1, 0, accumulation, settings.seed,
+                                     lengths=lengths if variant[0] else None, padding_free=variant[1])
+                for variant in VARIANTS.values()}
     seconds = {name: [] for name in VARIANTS}
     for repetition in range(steps):
         order = list(VARIANTS) if repetition % 2 == 0 else list(VARIANTS)[::-1]
         for name in order:
             aware, padding_free = VARIANTS[name]
-            elapsed = train_step(run, samplers[aware].micro_batches(repetition), padding_free)
+            elapsed = train_step(run, samplers[aware, padding_free].micro_batches(repetition), padding_free)
             if repetition >= settings.warmup:
                 seconds[name].append(elapsed)
         log(f"{stage} {attention}: repetition {repetition + 1}/{steps}: "
             + ", ".join(f"{name} {seconds[name][-1]:.2f} s" for name in VARIANTS if seconds[name]))
     measured = range(settings.warmup, steps)
-    tokens = [real_tokens(examples, samplers[False].step_indices(step)) for step in measured]
+    tokens = [real_tokens(examples, samplers[False, False].step_indices(step)) for step in measured]
     variants = {}
     for name, (aware, padding_free) in VARIANTS.items():
         times = seconds[name]
-        positions = [computed_positions(examples, samplers[aware].micro_batches(step), padding_free)
+        positions = [computed_positions(examples, samplers[aware, padding_free].micro_batches(step), padding_free)
                      for step in measured]
         variants[name] = {
             "step_s": statistics.median(times), "tokens_per_s": sum(tokens) / sum(times),

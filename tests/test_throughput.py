@@ -41,36 +41,82 @@ DATA = ROOT / "data"
 
 # ---- the assignment -------------------------------------------------------------------------------------------
 
-def samplers(num_samples, batch, world, accum, lengths, seed=3):
-    return [StepSampler(num_samples, batch, world, rank, accum, seed, lengths=lengths) for rank in range(world)]
+def samplers(num_samples, batch, world, accum, lengths, seed=3, padding_free=False):
+    return [StepSampler(num_samples, batch, world, rank, accum, seed, lengths=lengths, padding_free=padding_free)
+            for rank in range(world)]
 
 
+def cost(indices, lengths):
+    """Positions a padded micro-batch computes: its samples times its longest."""
+    return len(indices) * max(lengths[i] for i in indices)
+
+
+@pytest.mark.parametrize("padding_free", [False, True])
 @pytest.mark.parametrize("batch, world, accum", [(4, 1, 4), (2, 1, 16), (2, 2, 3), (1, 3, 2), (3, 4, 1)])
-def test_each_step_keeps_its_samples_and_every_rank_sees_the_same_assignment(batch, world, accum):
+def test_each_step_keeps_its_samples_and_every_rank_sees_the_same_assignment(batch, world, accum, padding_free):
     generator = torch.Generator().manual_seed(0)
     lengths = torch.randint(5, 400, (61,), generator=generator).tolist()  # 61: the epoch's last step wraps around
-    aware, positional = samplers(61, batch, world, accum, lengths), samplers(61, batch, world, accum, None)
+    aware = samplers(61, batch, world, accum, lengths, padding_free=padding_free)
+    positional = samplers(61, batch, world, accum, None)
     for step in range(2 * aware[0].steps_per_epoch):
         assignment = aware[0].assignment(step)
         assert all(s.assignment(step) == assignment for s in aware)  # a function of (seed, step, lengths)
+        assert len(assignment) == accum and all(len(ranks) == world for ranks in assignment)
         for rank, sampler in enumerate(aware):
             assert sampler.micro_batches(step) == [ranks[rank] for ranks in assignment]
-            assert all(len(indices) == batch for indices in sampler.micro_batches(step))
         dealt = [i for ranks in assignment for indices in ranks for i in indices]
         assert sorted(dealt) == sorted(positional[0].step_indices(step))  # the same samples, each once
-        # the micro-batches are consecutive runs of the step sorted by length, and every rank's come longest first
+        longest = max(lengths[i] for i in dealt)
+        for indices in (indices for ranks in assignment for indices in ranks):
+            if padding_free:  # a packed row has no padding to save: the size stays
+                assert len(indices) == batch
+            else:  # sizes vary, but no micro-batch computes more than the largest one of equal sizes
+                assert indices and cost(indices, lengths) <= batch * longest
+        # the micro-batches are consecutive runs of the step sorted by length, and every rank's come costliest first
         grouped = [[[lengths[i] for i in indices] for indices in ranks] for ranks in assignment]  # [m][r]
         runs = sorted((group for ranks in grouped for group in ranks), key=lambda g: (max(g), min(g)), reverse=True)
         assert all(min(longer) >= max(shorter) for longer, shorter in zip(runs, runs[1:]))
         for rank in range(world):
-            longest = [max(ranks[rank]) for ranks in grouped]
-            assert longest == sorted(longest, reverse=True)
+            costs = [len(ranks[rank]) * max(ranks[rank]) for ranks in grouped]
+            assert costs == sorted(costs, reverse=True)
 
 
 def test_without_lengths_the_assignment_is_the_positional_one():
     sampler = StepSampler(50, per_device_batch=2, world_size=2, rank=1, grad_accum=3, seed=7)
     indices = sampler.step_indices(4)
     assert sampler.micro_batches(4) == [indices[(m * 2 + 1) * 2:(m * 2 + 2) * 2] for m in range(3)]
+
+
+def set_partitions(items, count):
+    """Every way to split `items` into `count` non-empty groups (order of groups and within them ignored)."""
+    if not items:
+        if count == 0:
+            yield []
+        return
+    first, rest = items[0], items[1:]
+    for partition in set_partitions(rest, count - 1):
+        yield [[first]] + partition
+    for partition in set_partitions(rest, count):
+        for k in range(len(partition)):
+            yield partition[:k] + [[first] + partition[k]] + partition[k + 1:]
+
+
+def test_padded_micro_batches_compute_the_fewest_positions_of_any_split():
+    """Against every split of the step into micro-batches, not only into consecutive runs of the sorted step: on
+    small random steps (up to 9 samples: 3,025 splits of 9 into 3) the sampler's costs the fewest positions among
+    those whose micro-batches stay within the memory of equal sizes (per-device batch x the step's longest)."""
+    generator = torch.Generator().manual_seed(1)
+    for trial in range(40):
+        batch, world, accum = [(2, 1, 3), (3, 1, 3), (2, 2, 2), (2, 1, 4), (4, 1, 2)][trial % 5]
+        global_batch = batch * world * accum
+        lengths = torch.randint(1, 60, (global_batch,), generator=generator).tolist()
+        sampler = StepSampler(global_batch, batch, world, 0, accum, seed=trial, lengths=lengths)
+        chosen = sum(cost(indices, lengths) for ranks in sampler.assignment(0) for indices in ranks)
+        budget = batch * max(lengths)
+        least = min(sum(cost(group, lengths) for group in split)
+                    for split in set_partitions(list(range(global_batch)), world * accum)
+                    if all(cost(group, lengths) <= budget for group in split))
+        assert chosen == least, (lengths, batch, world, accum)
 
 
 def lognormal_lengths(count, seed=0):
@@ -80,40 +126,39 @@ def lognormal_lengths(count, seed=0):
 
 
 @pytest.mark.parametrize("batch, world, accum", [(4, 1, 4), (2, 1, 16), (4, 2, 4), (2, 8, 16)])
-def test_padding_and_the_slowest_rank_are_the_least_possible(batch, world, accum):
+def test_padding_and_the_slowest_rank_fall_at_the_reference_settings(batch, world, accum):
     """At the reference settings (SFT 4 x 4, DPO 2 x 16) and with 2 and 8 ranks; a micro-batch costs its padded
     positions (samples x longest).
 
-    Splitting a step into micro-batches of `batch` samples costs the fewest positions when each takes a consecutive
-    run of the step sorted by length (moving a sample between runs never lowers a maximum). Ranks that wait for each
-    other after every micro-batch (ZeRO-2/3 reduce the gradient of each one) take the sum over micro-batches of the
-    slowest rank's cost; with those runs it is least when micro-batch m of every rank comes from the m-th group of
-    world_size runs. Both minima are computed here from the sorted lengths alone. DDP, which waits once per step,
-    takes the slowest rank's total, at most that sum."""
+    Micro-batches of equal sizes cost the fewest positions when each takes a consecutive run of the step sorted by
+    length (moving a sample between runs never lowers a maximum): computed here from the sorted lengths alone, and
+    the sizes the sampler chooses cost less still (measured 14% padding against 27% at 4 x 4, 47% in
+    sampled order). Ranks that wait for
+    each other after every micro-batch (ZeRO-2/3 reduce the gradient of each one) take the sum over micro-batches of
+    the slowest rank's cost, DDP, which waits once per step, the slowest rank's total: both below the sampled
+    order's."""
     lengths = lognormal_lengths(4096)
     examples = [{"input_ids": [0] * n} for n in lengths]
     aware, positional = samplers(4096, batch, world, accum, lengths), samplers(4096, batch, world, accum, None)
     steps = range(aware[0].steps_per_epoch)
-    real = least_positions = least_waiting = 0
+    real = least_equal_sizes = 0
     for step in steps:
         ordered = sorted((lengths[i] for i in positional[0].step_indices(step)), reverse=True)
         real += sum(ordered)
-        least_positions += sum(batch * ordered[start] for start in range(0, len(ordered), batch))
-        least_waiting += sum(batch * ordered[start] for start in range(0, len(ordered), batch * world))
+        least_equal_sizes += sum(batch * ordered[start] for start in range(0, len(ordered), batch))
     after, before = padding_fraction(aware[0], examples, steps), padding_fraction(positional[0], examples, steps)
-    assert after == pytest.approx(1 - real / least_positions, rel=1e-12) and after < before
+    assert after < 1 - real / least_equal_sizes < before
 
     def slowest_rank(sampler):  # (waiting after every micro-batch, waiting once per step), summed over the steps
         every = once = 0
         for step in steps:
-            costs = [[len(indices) * max(lengths[i] for i in indices) for indices in ranks]
-                     for ranks in sampler.assignment(step)]
+            costs = [[cost(indices, lengths) for indices in ranks] for ranks in sampler.assignment(step)]
             every += sum(max(ranks) for ranks in costs)
             once += max(sum(ranks[r] for ranks in costs) for r in range(world))
         return every, once
 
     (every, once), (every_before, once_before) = slowest_rank(aware[0]), slowest_rank(positional[0])
-    assert every == least_waiting and every < every_before and once < once_before  # measured 0.38-0.72 of before
+    assert every < every_before and once < once_before  # measured 0.37-0.73 of before
 
 
 def test_the_log_line_reports_the_padding():
