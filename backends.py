@@ -170,12 +170,16 @@ class Backend:
     def clip_and_step(self, max_norm):
         """Clip (if max_norm > 0), step, zero the gradient; returns the norm before clipping (a tensor: reading it
         would wait for the device, so the loop reads it only when it logs)."""
-        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm if max_norm > 0 else float("inf"))
+        norm = self.clip_(max_norm)
         self.optimizer.step()
         if self.update_projector is not None:
             self.update_projector.project_()
         self.zero_grad()
         return norm
+
+    def clip_(self, max_norm):
+        """Scale the gradient to norm max_norm if it is larger (max_norm 0: no clipping); returns the norm before."""
+        return torch.nn.utils.clip_grad_norm_(self.params, max_norm if max_norm > 0 else float("inf"))
 
     def zero_grad(self):
         self.grad_slice.zero_()
@@ -386,17 +390,13 @@ class Fsdp2Backend(Backend):
         self.grad_slice = Fsdp2GradSlice(self.params, [name for name, _ in named])
         self.scheduled_optimizer = optimizer
 
-    def clip_and_step(self, max_norm):
+    def clip_(self, max_norm):
         from torch.distributed.tensor import DTensor
 
         norm = torch.nn.utils.get_total_norm([p.grad for p in self.params])
         norm = norm.full_tensor() if isinstance(norm, DTensor) else norm  # a plain number, the same on every rank
         if max_norm > 0:  # torch.nn.utils.clip_grad_norm_'s rule, on the shards that the gradient DTensors view
             self.grad_slice.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
-        self.optimizer.step()
-        if self.update_projector is not None:
-            self.update_projector.project_()
-        self.zero_grad()
         return norm
 
     def optimizer_state(self):
