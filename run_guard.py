@@ -55,17 +55,6 @@ def run_main(main):
         sys.exit(INTERRUPTED_EXIT)
 
 
-def exit_finished_run():
-    """Leave a finished training run without the interpreter's teardown. After a run has saved everything and
-    closed its process group, a process under DeepSpeed ZeRO-3 with CPU offload on gloo can still abort in a C++
-    destructor at exit ("terminate called without an active exception", SIGABRT; seen twice in the test suite's
-    ZeRO-3 offload runs), and the launcher then reports a finished run as failed. Every file the run writes is
-    closed by then (the lock file is released by the OS); stdout and stderr are flushed here."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
 def user_error(message):
     leave_process_group()
     sys.stdout.flush()

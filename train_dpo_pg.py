@@ -32,7 +32,7 @@ from checkpoint import Checkpointer, check_data_unchanged, is_save_step, prepare
 from data_utils import (DataError, StepSampler, collate_pairs, collate_sft, describe_batching, is_ranking,
                         load_tokenized, padded_length)
 from ogpsa_core import ReferenceGradients, ReferenceSet
-from run_guard import StepGuard, UserError, exit_finished_run, hold_output_dir, main_process_first, run_main
+from run_guard import StepGuard, UserError, hold_output_dir, main_process_first, run_main
 from train_utils import (NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, AdapterDisabled, MetricLog, build_optimizer, build_parser,
                          build_scheduler, check_args, check_padding_free, check_reference_sets, checked, end_run,
                          flag, input_tokens, load_model, load_policy, load_tokenizer, make_accelerator,
@@ -322,4 +322,3 @@ def main():
 
 if __name__ == "__main__":
     run_main(main)
-    exit_finished_run()  # main returned: the run is finished and saved

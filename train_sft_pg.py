@@ -29,7 +29,7 @@ from backends import make_backend
 from checkpoint import Checkpointer, check_data_unchanged, is_save_step, prepare_output_dir, write_json
 from data_utils import StepSampler, collate_sft, describe_batching, load_tokenized, padded_length
 from ogpsa_core import ReferenceGradients, ReferenceSet
-from run_guard import StepGuard, exit_finished_run, hold_output_dir, main_process_first, run_main
+from run_guard import StepGuard, hold_output_dir, main_process_first, run_main
 from train_utils import (MetricLog, build_optimizer, build_parser, build_scheduler, check_args, check_padding_free,
                          check_reference_sets, end_run, input_tokens, load_policy, load_tokenizer, make_accelerator,
                          make_projector, make_update_projector, projection_scalars, report_params_without_direction,
@@ -156,4 +156,3 @@ def main():
 
 if __name__ == "__main__":
     run_main(main)
-    exit_finished_run()  # main returned: the run is finished and saved
