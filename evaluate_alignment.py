@@ -34,13 +34,13 @@ import numpy as np
 import torch
 from accelerate.utils import set_seed
 
+from arguments import NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, Parser, checked, flag
 import eval_utils
 from checkpoint import write_json, write_text_atomic
 from data_utils import (TEMPLATES, DataError, get_template, is_ranking, load_conversations, read_rows,
                         resolve_dataset, tokenize_dataset, tokenize_prompt)
 from run_guard import UserError, first_line, hold_output_dir, run_main
-from train_utils import (NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, Parser, checked, flag, from_pretrained,
-                         load_model, load_tokenizer)
+from train_utils import from_pretrained, load_model, load_tokenizer
 
 ROLES = ("harmful", "benign", "general", "eval")  # the order of the datasets in the outputs
 PREDICTIONS = "generated_predictions.jsonl"

@@ -27,17 +27,18 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import set_seed
 
+from arguments import NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, build_parser, check_args, checked, flag
 from backends import make_backend, prepare_reference_model
 from checkpoint import Checkpointer, check_data_unchanged, is_save_step, prepare_output_dir, write_json
 from data_utils import (DataError, StepSampler, collate_pairs, collate_sft, describe_batching, is_ranking,
                         load_tokenized, padded_length)
 from ogpsa_core import ReferenceGradients, ReferenceSet
 from run_guard import StepGuard, UserError, hold_output_dir, main_process_first, run_main
-from train_utils import (NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, AdapterDisabled, MetricLog, build_optimizer, build_parser,
-                         build_scheduler, check_args, check_padding_free, check_reference_sets, checked, end_run,
-                         flag, input_tokens, load_model, load_policy, load_tokenizer, make_accelerator,
-                         make_projector, make_update_projector, projection_scalars, report_params_without_direction,
-                         response_nll_sum, response_positions, to_device, token_logps, total_optimizer_steps)
+from train_utils import (AdapterDisabled, MetricLog, build_optimizer, build_scheduler, check_padding_free,
+                         check_reference_sets, end_run, input_tokens, load_model, load_policy, load_tokenizer,
+                         make_accelerator, make_projector, make_update_projector, projection_scalars,
+                         report_params_without_direction, response_nll_sum, response_positions, to_device, token_logps,
+                         total_optimizer_steps)
 
 
 LOSSES = ("sigmoid", "ipo", "hinge")

@@ -25,15 +25,16 @@ from pathlib import Path
 
 from accelerate.utils import set_seed
 
+from arguments import build_parser, check_args
 from backends import make_backend
 from checkpoint import Checkpointer, check_data_unchanged, is_save_step, prepare_output_dir, write_json
 from data_utils import StepSampler, collate_sft, describe_batching, load_tokenized, padded_length
 from ogpsa_core import ReferenceGradients, ReferenceSet
 from run_guard import StepGuard, hold_output_dir, main_process_first, run_main
-from train_utils import (MetricLog, build_optimizer, build_parser, build_scheduler, check_args, check_padding_free,
-                         check_reference_sets, end_run, input_tokens, load_policy, load_tokenizer, make_accelerator,
-                         make_projector, make_update_projector, projection_scalars, report_params_without_direction,
-                         response_nll_sum, to_device, token_logps, total_optimizer_steps)
+from train_utils import (MetricLog, build_optimizer, build_scheduler, check_padding_free, check_reference_sets, end_run,
+                         input_tokens, load_policy, load_tokenizer, make_accelerator, make_projector,
+                         make_update_projector, projection_scalars, report_params_without_direction, response_nll_sum,
+                         to_device, token_logps, total_optimizer_steps)
 
 
 def main():

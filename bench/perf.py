@@ -54,6 +54,7 @@ sys.path.insert(0, str(ROOT))  # the project's modules live in the repository ro
 import ogpsa_core  # noqa: E402
 import backends  # noqa: E402
 import checkpoint  # noqa: E402
+import arguments  # noqa: E402
 import train_utils  # noqa: E402
 from data_utils import IGNORE_INDEX, collate_sft, num_targets  # noqa: E402
 
@@ -207,14 +208,14 @@ def build_model(name, device, gradient_checkpointing, seed):
 
 
 def training_args(settings, output_dir, deepspeed=None):
-    """The training scripts' own flags (train_utils.build_parser), set to the benchmark's shape."""
+    """The training scripts' own flags (arguments.build_parser), set to the benchmark's shape."""
     argv = ["--output_dir", output_dir, "--model_name_or_path", "random", "--dataset", "random",
             "--per_device_train_batch_size", settings.micro_batch, "--gradient_accumulation_steps",
             settings.grad_accum, "--bf16", not settings.cpu, "--base_num_samples", settings.refresh_samples,
             "--base_directions", REFRESH_DIRECTIONS, "--base_batch_size", settings.micro_batch]
     if deepspeed:
         argv += ["--deepspeed", deepspeed]
-    return train_utils.build_parser(__doc__, "sft_pg", 1e-5).parse_args([str(a) for a in argv])
+    return arguments.build_parser(__doc__, "sft_pg", 1e-5).parse_args([str(a) for a in argv])
 
 
 def token_rows(settings, vocab, count, generator):

@@ -51,6 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the project's modules live in the repository root
 
 import ogpsa_core  # noqa: E402
+import arguments  # noqa: E402
 import train_utils  # noqa: E402
 from backends import make_backend, prepare_reference_model  # noqa: E402
 from data_utils import (IGNORE_INDEX, StepSampler, collate_pairs, collate_sft, load_tokenized, num_targets,  # noqa: E402
@@ -179,12 +180,12 @@ def build_model(settings, attention):
 
 
 def training_args(settings, stage, output_dir):
-    """The training scripts' own flags (train_utils.build_parser), at the stage's batch settings."""
+    """The training scripts' own flags (arguments.build_parser), at the stage's batch settings."""
     batch, accumulation = STAGES[stage]
     argv = ["--output_dir", output_dir, "--model_name_or_path", "random", "--dataset", "random",
             "--per_device_train_batch_size", batch, "--gradient_accumulation_steps", accumulation,
             "--bf16", settings.bf16, "--learning_rate", 1e-6]
-    return train_utils.build_parser(__doc__, f"{stage}_pg", 1e-6).parse_args([str(a) for a in argv])
+    return arguments.build_parser(__doc__, f"{stage}_pg", 1e-6).parse_args([str(a) for a in argv])
 
 
 def synchronize(device):
@@ -400,7 +401,7 @@ def main(argv=None):
     settings = parse_settings(argv)
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    accelerator_args = train_utils.build_parser(__doc__, "sft_pg", 1e-6).parse_args(
+    accelerator_args = arguments.build_parser(__doc__, "sft_pg", 1e-6).parse_args(
         ["--output_dir", tempfile.mkdtemp(prefix="throughput-"), "--model_name_or_path", "random", "--dataset",
          "random", "--bf16", str(settings.bf16)])
     accelerator = train_utils.make_accelerator(accelerator_args)

@@ -148,7 +148,7 @@ def check_parses(command):
 
     from run_guard import UserError
     from train_dpo_pg import add_dpo_flags
-    from train_utils import build_parser
+    from arguments import build_parser
 
     script_at = next(i for i, part in enumerate(command) if i > 0 and part.endswith(".py"))
     launcher, script, flags = command[1:script_at], Path(command[script_at]), command[script_at + 1:]

@@ -80,7 +80,7 @@ def test_heldout_data_never_trained_on(tmp_path, config):
 def test_every_command_parses(tmp_path, config):
     """Every safety-stage command of every configuration (the gpu one included) is accepted by its script."""
     import train_dpo_pg
-    from train_utils import build_parser, check_args
+    from arguments import build_parser, check_args
 
     parsers = {"train_sft_pg.py": build_parser("", "sft_pg", 1e-5),
                "train_dpo_pg.py": train_dpo_pg.add_dpo_flags(build_parser("", "dpo_pg", 1e-6))}

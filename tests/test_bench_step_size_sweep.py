@@ -120,7 +120,7 @@ def test_step_rule_keeps_the_path_length_and_spans_30x(config):
 def test_every_command_parses(tmp_path, config):
     """Every training command of every configuration is accepted by its script, with the regime's rate and steps."""
     import train_dpo_pg
-    from train_utils import build_parser, check_args
+    from arguments import build_parser, check_args
 
     parsers = {"train_sft_pg.py": build_parser("", "sft_pg", 1e-5),
                "train_dpo_pg.py": train_dpo_pg.add_dpo_flags(build_parser("", "dpo_pg", 1e-6))}

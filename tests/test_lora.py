@@ -24,7 +24,7 @@ from run_guard import UserError
 from test_backends import BACKENDS, LAUNCH
 from test_dpo import dpo_args
 from test_sft_e2e import sft_args
-from train_utils import build_parser, check_args
+from arguments import build_parser, check_args
 
 SCRIPTS = {"sft": ("train_sft_pg.py", sft_args), "dpo": ("train_dpo_pg.py", dpo_args)}
 LOGITS_RTOL = 1e-4

@@ -25,6 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from arguments import SCHEDULERS, build_parser, check_args
 from checkpoint import RESUME_GLOBAL_BATCH, RESUME_MAY_CHANGE, RESUME_MUST_MATCH, RESUME_OGPSA, Checkpointer
 from data_utils import DataError
 from helpers import WEIGHTS_RTOL, load_weights, read_log, run_script, weights_relative_difference
@@ -32,7 +33,7 @@ from run_guard import INTERRUPTED_EXIT, PREEMPTED_EXIT, USER_ERROR_EXIT, UserErr
 from test_dpo import dpo_args
 from test_sft_e2e import sft_args
 from train_dpo_pg import add_dpo_flags
-from train_utils import SCHEDULERS, build_parser, check_args, quiet_deepspeed_deprecations
+from train_utils import quiet_deepspeed_deprecations
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 12

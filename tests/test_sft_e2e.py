@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from helpers import (WEIGHTS_RTOL, load_weights, read_log, reference_projection, relative_error, run_script,
                      weights_relative_difference)
 from run_guard import UserError
-from train_utils import build_parser, check_args
+from arguments import build_parser, check_args
 
 SAFETY = "demo_safety_sft"
 REFERENCE = "demo_general_a_sft,demo_general_b_sft"

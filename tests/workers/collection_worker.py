@@ -15,11 +15,11 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
+from arguments import build_parser, check_args
 from data_utils import collate_sft, load_tokenized
 from backends import make_backend
 from ogpsa_core import ReferenceGradients, ReferenceSet, read_gradient_
-from train_utils import (build_optimizer, build_parser, check_args, load_model, load_tokenizer, make_accelerator,
-                         response_nll_sum, to_device)
+from train_utils import build_optimizer, load_model, load_tokenizer, make_accelerator, response_nll_sum, to_device
 
 
 class CapturingProjector:
