@@ -22,6 +22,8 @@ Exit codes: 0 done; 2 a mistake in flags, data or files (one line `error: ...`).
 model".
 """
 
+import stop_on_ctrl_c  # noqa: F401  first: Ctrl-C while the modules below import stops with one line
+
 import argparse
 import json
 import math

@@ -14,9 +14,11 @@ from pathlib import Path
 
 import torch
 
+import stop_on_ctrl_c
+
 USER_ERROR_EXIT = 2  # a mistake in the flags, the data, the files or the environment: `error: <message>`
 PREEMPTED_EXIT = 128 + signal.SIGTERM  # 143, what a shell reports for a process ended by SIGTERM
-INTERRUPTED_EXIT = 128 + signal.SIGINT  # 130, what a shell reports for a process ended by Ctrl-C
+INTERRUPTED_EXIT = stop_on_ctrl_c.EXIT_CODE  # 130, what a shell reports for a process ended by Ctrl-C
 LOCK_FILE = "run.lock"
 
 
@@ -40,6 +42,7 @@ def run_main(main):
     """
     from data_utils import DataError
 
+    stop_on_ctrl_c.hand_over()  # Ctrl-C raises KeyboardInterrupt again: handled below
     try:
         main()
     except (UserError, DataError) as err:
@@ -51,7 +54,7 @@ def run_main(main):
     except KeyboardInterrupt:  # before training (where Ctrl-C stops after a step), or a second Ctrl-C
         leave_process_group()
         if is_main_rank():
-            print("\nstopped by Ctrl-C", file=sys.stderr, flush=True)
+            print(stop_on_ctrl_c.MESSAGE, end="", file=sys.stderr, flush=True)
         sys.exit(INTERRUPTED_EXIT)
 
 

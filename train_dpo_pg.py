@@ -20,6 +20,8 @@ by SIGTERM, 130 by Ctrl-C, after writing a checkpoint (resume with --resume_from
 things go wrong".
 """
 
+import stop_on_ctrl_c  # noqa: F401  first: Ctrl-C while the modules below import stops with one line
+
 import math
 from pathlib import Path
 
