@@ -120,7 +120,7 @@ def resolve_dataset(name, dataset_dir):
     info = {}
     if info_path.is_file():
         try:
-            info = json.loads(info_path.read_text(encoding="utf-8-sig"))  # -sig: a byte-order mark is skipped
+            info = json.loads(read_utf8(info_path))
         except json.JSONDecodeError as err:
             raise DataError(f"{info_path}: invalid JSON ({err})") from None
     if name in info:
@@ -178,8 +178,19 @@ def _data_files(spec):
     return files, types.pop()
 
 
+def read_utf8(path):
+    """The text of a data file; a byte-order mark is skipped, as `datasets` does. Not UTF-8 (e.g. saved as Latin-1):
+    a DataError naming the file and the byte offset of the first byte that is not."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (byte 0x{data[err.start]:02x} at byte offset {err.start}); save it "
+                        "as UTF-8") from None
+
+
 def _read_json_file(path):
-    text = Path(path).read_text(encoding="utf-8-sig")  # a byte-order mark is skipped, as `datasets` does
+    text = read_utf8(path)
     if not text.strip():
         raise DataError(f"{path}: the file is empty")
     if path.endswith(".jsonl"):
@@ -222,6 +233,8 @@ def read_rows(spec):
         else:
             import datasets
 
+            for path in files if kind in ("csv", "json", "text") else []:  # parsed by `datasets`: check them first
+                read_utf8(path)
             table = datasets.load_dataset(kind, data_files=files, split=spec.split)
             rows, origins = list(table), [(spec.source, i + 1) for i in range(len(table))]
     if not rows:
