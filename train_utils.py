@@ -88,6 +88,29 @@ def launched_fsdp_version():
     return int(os.environ.get("FSDP_VERSION", "1"))
 
 
+def check_fsdp_wrap_classes(model):
+    """Refuse an FSDP config whose fsdp_transformer_layer_cls_to_wrap names a class that is not one of the model's
+    modules, naming the model's decoder-layer class: Accelerate looks the names up only when it shards the model
+    (after loading, on every rank) and stops with a traceback. As Accelerate reads it: FSDP_TRANSFORMER_CLS_TO_WRAP,
+    set by `accelerate launch` from the config, split at commas as written, used under TRANSFORMER_BASED_WRAP only
+    (without it Accelerate wraps the model's `_no_split_modules`, which transformers names)."""
+    names = os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP")
+    if launched_fsdp_version() is None or names is None or \
+            os.environ.get("FSDP_AUTO_WRAP_POLICY", "").upper() != "TRANSFORMER_BASED_WRAP":
+        return
+    classes = {type(module).__name__ for module in model.modules()}
+    missing = [name for name in names.split(",") if name not in classes]
+    if not missing:
+        return
+    layers = ",".join(getattr(model, "_no_split_modules", None) or [])
+    fix = (f"its decoder layer is {layers}: set fsdp_transformer_layer_cls_to_wrap: {layers} (or leave it out, and "
+           "Accelerate wraps that)") if layers else \
+        "name one of its module classes, or use fsdp_auto_wrap_policy NO_WRAP"
+    raise UserError(f"the Accelerate config's fsdp_transformer_layer_cls_to_wrap names "
+                    f"{', '.join(repr(name) for name in missing)}, which is no class of the model "
+                    f"({type(model).__name__}); {fix}")
+
+
 def check_launched_precision(args):
     """--bf16 decides the precision; refuse an Accelerate config (or `accelerate launch --mixed_precision`) that
     asks for another, which Accelerate would otherwise apply while the run records --bf16 False."""
@@ -221,6 +244,7 @@ def load_model(path, args, dtype=torch.float32):
     attention = {"auto": None, "disabled": "eager", "sdpa": "sdpa", "fa2": "flash_attention_2"}[args.flash_attn]
     model = from_pretrained(AutoModelForCausalLM.from_pretrained, path, "model", args, dtype=dtype,
                             attn_implementation=attention, trust_remote_code=args.trust_remote_code)
+    check_fsdp_wrap_classes(model)  # before Accelerate shards it
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False

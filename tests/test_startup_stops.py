@@ -86,3 +86,36 @@ def test_training_on_a_file_that_is_not_utf8_stops_with_one_line(tiny_model, tmp
     data.write_bytes(LATIN_1[".json"])
     result = run_script("train_sft_pg.py", sft_args(tiny_model, tmp_path / "out", dataset=data), expect_ok=False)
     assert (result.returncode, result.stderr) == (2, f"error: {not_utf8(data)}\n")
+
+
+@pytest.mark.parametrize("names", ["Qwen2DecoderLayer", "Qwen2DecoderLayer,Qwen2RMSNorm", "LlamaDecoderLayer",
+                                   "Qwen2DecoderLayer, Qwen2RMSNorm"])
+def test_an_fsdp_config_that_wraps_no_class_of_the_model_is_refused_when_it_loads(tiny_model, monkeypatch, names):
+    """The variables `accelerate launch` sets from an FSDP2 config with fsdp_transformer_layer_cls_to_wrap. What is
+    refused must be what Accelerate's own lookup (get_module_class_from_name, run when it shards) would fail on: the
+    names split at commas as written (a space stays part of a name)."""
+    from types import SimpleNamespace
+
+    from accelerate.utils.dataclasses import get_module_class_from_name
+    from transformers import AutoModelForCausalLM
+
+    from run_guard import UserError
+    from train_utils import load_model
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    accelerate_fails_on = [repr(name) for name in names.split(",") if get_module_class_from_name(model, name) is None]
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    monkeypatch.setenv("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP")
+    monkeypatch.setenv("FSDP_TRANSFORMER_CLS_TO_WRAP", names)
+    args = SimpleNamespace(flash_attn="auto", trust_remote_code=False, gradient_checkpointing=False,
+                           model_name_or_path=str(tiny_model))
+    if not accelerate_fails_on:
+        load_model(tiny_model, args)
+        return
+    with pytest.raises(UserError) as stopped:
+        load_model(tiny_model, args)
+    assert str(stopped.value) == (
+        f"the Accelerate config's fsdp_transformer_layer_cls_to_wrap names {', '.join(accelerate_fails_on)}, which is "
+        "no class of the model (Qwen2ForCausalLM); its decoder layer is Qwen2DecoderLayer: set "
+        "fsdp_transformer_layer_cls_to_wrap: Qwen2DecoderLayer (or leave it out, and Accelerate wraps that)")
