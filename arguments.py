@@ -102,7 +102,9 @@ def build_parser(description, stage, default_lr):
     flag(g, "--do_train", bool, default=True, help="must be True: these scripts only train")
     flag(g, "--output_dir", required=True, help="where checkpoints, logs, plots and the final model go")
     flag(g, "--overwrite_output_dir", bool, default=False,
-         help="start afresh even if OUTPUT_DIR holds checkpoints (otherwise refused unless resuming)")
+         help="start afresh in an OUTPUT_DIR that holds an earlier run (otherwise refused unless resuming): first "
+              "removes every output of the earlier run (model, adapter, merged/, checkpoints, logs, plots, "
+              "predictions), never files this project did not write (those stay and are listed)")
     flag(g, "--seed", int, default=42, help="seed for the data order and dropout")
     flag(g, "--deepspeed", default=None, help="DeepSpeed JSON config ('auto' values are filled in from these flags)")
     flag(g, "--ddp_timeout", POSITIVE_INT, default=1800, help="timeout in seconds for collective operations")

@@ -9,6 +9,7 @@ each rank's RNG state, the OGPSA basis (per rank under ZeRO) and the loop's extr
 import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from run_guard import LOCK_FILE, UserError
+from run_guard import LOCK_FILE, UserError, is_main_rank
 
 # Resume rules. A resumed run must compute what the uninterrupted run would have: every flag that changes the result
 # must equal the checkpoint's. Flags that only decide what is logged or saved, and where, may change.
@@ -54,11 +55,17 @@ RESUME_MUST_MATCH = RESUME_OGPSA | {
 
 def resolve_resume(args):
     """The checkpoint to resume from, or None; a new run refuses a non-empty OUTPUT_DIR unless
-    --overwrite_output_dir says to write over it (as Hugging Face's Trainer and LLaMA-Factory do)."""
+    --overwrite_output_dir says to start afresh there (as Hugging Face's Trainer and LLaMA-Factory do), which removes
+    the earlier run's outputs first (clear_output_dir). A removal that a killed run left half done is finished
+    before anything else."""
+    if is_main_rank():
+        finish_clearing(args.output_dir)
     resume = args.resume_from_checkpoint
     if resume in (None, "", "False", "false"):
         if not args.overwrite_output_dir:
             check_output_dir_empty(args.output_dir)
+        elif is_main_rank():  # the other ranks read nothing in OUTPUT_DIR before the main one has written there
+            clear_output_dir(args.output_dir)
         return None
     if resume in ("True", "true", "latest"):
         found = checkpoints(args.output_dir)
@@ -74,19 +81,24 @@ def resolve_resume(args):
 
 
 def check_output_dir_empty(output_dir):
-    """Refuse to start a new run in an OUTPUT_DIR that holds anything but the lock file: an earlier run's model,
-    logs or checkpoints would be written over."""
+    """Refuse to start a new run in an OUTPUT_DIR that holds anything but the lock file and the record of outputs:
+    an earlier run's model, logs or checkpoints would be written over."""
     found = checkpoints(output_dir)
     if found:
         raise UserError(f"{output_dir} already holds checkpoints (newest: {found[-1].name}): pass "
                         "--resume_from_checkpoint True to continue, or --overwrite_output_dir True to start afresh "
-                        "(the checkpoints are removed and the other files written over)")
-    entries = sorted(p.name for p in Path(output_dir).iterdir() if p.name != LOCK_FILE) \
+                        "(the earlier run's outputs are removed)")
+    entries = sorted(p.name for p in Path(output_dir).iterdir() if p.name not in (LOCK_FILE, OUTPUTS_FILE, REMOVING)) \
         if Path(output_dir).is_dir() else []
     if entries:
-        shown = ", ".join(entries[:4]) + (f" and {len(entries) - 4} more" if len(entries) > 4 else "")
-        raise UserError(f"{output_dir} is not empty (it holds {shown}): a new run would write over an earlier "
-                        "one's results. Pass --overwrite_output_dir True to do so, or choose another --output_dir")
+        raise UserError(f"{output_dir} is not empty (it holds {shown(entries)}): a new run would write over an "
+                        "earlier one's results. Pass --overwrite_output_dir True to remove the earlier run's outputs "
+                        "first, or choose another --output_dir")
+
+
+def shown(names, most=4):
+    """`names` for a message: the first `most`, and how many more."""
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def check_output_dir_apart(args):
@@ -204,13 +216,149 @@ def read_json(path, folder):
 
 
 def prepare_output_dir(args, accelerator):
-    """Create OUTPUT_DIR; a fresh run with --overwrite_output_dir removes the checkpoints an earlier run left."""
+    """Create OUTPUT_DIR and record there the outputs this run will write (see OUTPUTS_FILE): a fresh run starts
+    the record anew (an earlier run's outputs were removed by resolve_resume), a resumed one adds to it."""
     if accelerator.is_main_process:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-        if not args.resume_from_checkpoint:
-            for old in checkpoints(args.output_dir):
-                shutil.rmtree(old)
+        record_outputs(args.output_dir, planned_outputs(args), fresh=not args.resume_from_checkpoint)
     accelerator.wait_for_everyone()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What this project wrote into an output folder, and starting afresh there (--overwrite_output_dir)
+# ---------------------------------------------------------------------------------------------------------------
+
+OUTPUTS_FILE = ".ogpsa_outputs.json"  # the names of the entries this project wrote into OUTPUT_DIR
+REMOVING = ".removing-earlier-run"  # an earlier run's outputs on their way out (clear_output_dir)
+# What this project writes into OUTPUT_DIR, for folders without OUTPUTS_FILE (written before it was kept): the
+# model or adapter with its tokenizer (save_pretrained), the merged export, the scripts' logs, results and plot
+# (MetricLog, training_args.json), and an evaluation's files (evaluate_alignment.py).
+KNOWN_OUTPUTS = {
+    "config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+    "adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.json",
+    "merges.txt", "vocab.txt", "tokenizer.model", "merged", "training_args.json", "trainer_log.jsonl",
+    "train_results.json", "training_loss.png", "generated_predictions.jsonl", "eval_results.json",
+    "safety_vs_utility.png",
+}
+# Written by every version: checkpoints, the partial folders they and the final model are written in, the shards of
+# a large model, TensorBoard's files (Accelerate's tracker, when OUTPUT_DIR is its own logging folder).
+ALWAYS_OURS = re.compile(r"checkpoint-\d+|\.partial-.+|model-\d+-of-\d+\.safetensors|events\.out\.tfevents\..+")
+
+
+def planned_outputs(args):
+    """The entries of OUTPUT_DIR a training run writes besides its checkpoints and its model's files (recorded when
+    the model is saved)."""
+    names = ["training_args.json", "trainer_log.jsonl", "train_results.json"]
+    names += ["training_loss.png"] * bool(args.plot_loss) + ["merged"] * bool(args.export_merged)
+    if "tensorboard" in args.report_to:  # Accelerate's TensorBoard folder: OUTPUT_DIR/<its name>
+        names.append(Path(args.output_dir).resolve().name)
+    return names
+
+
+def record_outputs(output_dir, names, fresh=False):
+    """Add `names` (entries of OUTPUT_DIR this run writes, recorded before they are written) to OUTPUTS_FILE,
+    atomically; `fresh`: start the record anew. A record that does not exist yet starts with what an earlier version
+    wrote there (a resumed run of a folder without one). Main process only."""
+    recorded = set() if fresh else _recorded_outputs(output_dir)
+    if recorded is None:
+        recorded = set(earlier_outputs(output_dir)[0])
+    if fresh or not set(names) <= recorded:
+        write_json(Path(output_dir, OUTPUTS_FILE), sorted(recorded | set(names)))
+
+
+def _recorded_outputs(output_dir):
+    """The names OUTPUTS_FILE lists, or None without a readable one."""
+    try:
+        recorded = json.loads(Path(output_dir, OUTPUTS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return set(recorded) if isinstance(recorded, list) else None
+
+
+def earlier_outputs(output_dir):
+    """(the entries of OUTPUT_DIR this project wrote, the others), names sorted. This project's: what OUTPUTS_FILE
+    lists, or without one the names it writes (KNOWN_OUTPUTS, a LoRA adapter's model card, a TensorBoard folder);
+    with or without, checkpoints, partial folders, model shards, the temporary files of atomic writes and
+    OUTPUTS_FILE itself. The lock file and a removal in progress are neither."""
+    recorded = _recorded_outputs(output_dir)
+    ours, others = [], []
+    for path in sorted(Path(output_dir).iterdir()):
+        if path.name not in (LOCK_FILE, REMOVING):
+            (ours if _is_ours(path, recorded) else others).append(path.name)
+    return ours, others
+
+
+def _is_ours(path, recorded):
+    name = path.name
+    if name.startswith(".") and name.endswith(".tmp"):  # write_text_atomic's temporary file of `name`
+        name = name[1:-len(".tmp")]
+    if name == OUTPUTS_FILE or ALWAYS_OURS.fullmatch(name):
+        return True
+    if recorded is not None:
+        return name in recorded
+    return name in KNOWN_OUTPUTS or _is_adapter_card(path) or _is_tensorboard_folder(path)
+
+
+def _is_adapter_card(path):
+    """Whether `path` is the README.md that PEFT writes beside an adapter (its front matter names the library)."""
+    if path.name != "README.md" or not path.is_file():
+        return False
+    head = path.read_bytes()[:2000].decode(errors="replace")
+    return head.startswith("---") and "library_name: peft" in head
+
+
+def _is_tensorboard_folder(path):
+    """Whether `path` is a folder of TensorBoard event files only (Accelerate's tracker writes OUTPUT_DIR/<name>)."""
+    files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() and not path.is_symlink() else []
+    return bool(files) and all(p.name.startswith("events.out.tfevents.") for p in files)
+
+
+def clear_output_dir(output_dir, log=print):
+    """--overwrite_output_dir on a new run: remove every output of the earlier run(s) from OUTPUT_DIR before
+    anything is written, so that the folder ends up holding this run's outputs only. Entries this project did not
+    write (earlier_outputs) stay and are listed; the lock file stays.
+
+    A run killed meanwhile leaves no half-removed folder: the names to remove are written into the folder REMOVING
+    first, then each entry moves into it (REMOVING/entries) with a single rename, then it is deleted;
+    finish_clearing completes what a killed run left (at the next start, whatever its flags)."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return
+    ours, others = earlier_outputs(folder)
+    if ours:
+        (folder / REMOVING / "entries").mkdir(parents=True)
+        write_json(folder / REMOVING / "plan.json", ours)
+        _finish_removal(folder, ours)
+        log(f"--overwrite_output_dir: removed the earlier outputs from {output_dir} ({shown(ours)})")
+    if others:
+        log(f"--overwrite_output_dir: left {len(others)} entries in {output_dir} that this project did not write: "
+            f"{', '.join(others)}")
+
+
+def finish_clearing(output_dir):
+    """Complete a removal of earlier outputs (clear_output_dir) that a killed run left in OUTPUT_DIR."""
+    removing = Path(output_dir, REMOVING)
+    if not removing.is_dir():
+        return
+    try:
+        names = json.loads(Path(removing, "plan.json").read_text())
+    except (OSError, ValueError):  # killed before the list was complete: nothing was moved yet
+        names = []
+    _finish_removal(Path(output_dir), names)
+
+
+def _finish_removal(folder, names):
+    """Move each entry of `names` still in `folder` into REMOVING/entries (one rename each), then delete REMOVING."""
+    removing = folder / REMOVING
+    try:
+        for name in names:
+            if os.path.lexists(folder / name):
+                os.replace(folder / name, removing / "entries" / name)
+        shutil.rmtree(removing)
+    except OSError as err:
+        raise UserError(f"--overwrite_output_dir: cannot remove the earlier outputs from {folder} ({err}); fix the "
+                        f"permissions, or choose another --output_dir") from None
 
 
 def checkpoints(output_dir):
@@ -414,6 +562,7 @@ class Checkpointer:
             raise UserError(f"writing the final model into {args.output_dir} failed ({type(err).__name__}: {err}); "
                             "the checkpoints are untouched") from None
         if accelerator.is_main_process:
+            record_outputs(args.output_dir, [path.name for path in staging.iterdir()])
             for path in staging.iterdir():
                 os.replace(path, Path(args.output_dir, path.name))
             staging.rmdir()
