@@ -330,10 +330,11 @@ def clear_output_dir(output_dir, log=print):
         (folder / REMOVING / "entries").mkdir(parents=True)
         write_json(folder / REMOVING / "plan.json", ours)
         _finish_removal(folder, ours)
-        log(f"--overwrite_output_dir: removed the earlier outputs from {output_dir} ({shown(ours)})")
+        visible_first = sorted(ours, key=lambda name: (name.startswith("."), name))
+        log(f"--overwrite_output_dir: removed the earlier outputs from {output_dir} ({shown(visible_first)})")
     if others:
-        log(f"--overwrite_output_dir: left {len(others)} entries in {output_dir} that this project did not write: "
-            f"{', '.join(others)}")
+        log(f"--overwrite_output_dir: left {len(others)} {'entry' if len(others) == 1 else 'entries'} in {output_dir} "
+            f"that this project did not write: {', '.join(others)}")
 
 
 def finish_clearing(output_dir):
