@@ -11,6 +11,7 @@ import os
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,9 @@ def resolve_resume(args):
     before anything else."""
     if is_main_rank():
         finish_clearing(args.output_dir)
+    else:  # the main process finishes it; read the folder afterwards (a launcher ends this one if the main one fails)
+        while Path(args.output_dir, REMOVING).exists():
+            time.sleep(0.1)
     resume = args.resume_from_checkpoint
     if resume in (None, "", "False", "false"):
         if not args.overwrite_output_dir:

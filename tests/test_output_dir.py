@@ -150,3 +150,16 @@ def test_a_full_run_over_a_lora_runs_folder_loads_as_the_same_run_in_a_clean_fol
     loaded, expected = (AutoModelForCausalLM.from_pretrained(folder).state_dict() for folder in (out, clean))
     assert sorted(loaded) == sorted(expected)  # no adapter on it
     assert all(torch.equal(loaded[name], expected[name]) for name in expected)  # the same run, bit for bit
+
+
+def test_the_other_ranks_read_the_folder_after_the_main_one_finished_a_removal(tmp_path, monkeypatch):
+    """A resume with several processes after a killed removal: rank 1 must not find a checkpoint on its way out."""
+    import threading
+
+    out = tmp_path / "out"
+    make_entries(out, ["checkpoint-2/", f"{REMOVING}/entries/checkpoint-4/"])
+    (out / REMOVING / "plan.json").write_text(json.dumps(["checkpoint-2", "checkpoint-4"]))
+    monkeypatch.setenv("RANK", "1")
+    threading.Timer(0.3, checkpoint.finish_clearing, [out]).start()  # the main process, meanwhile
+    with pytest.raises(UserError, match="no checkpoint in"):
+        resolve_resume(SimpleNamespace(output_dir=str(out), resume_from_checkpoint="True", overwrite_output_dir=False))
