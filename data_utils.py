@@ -576,8 +576,8 @@ def jinja_template(template):
     thought = ""
     if template.thought_words:
         opens, closes = (_literal(word.strip()) for word in template.thought_words)
-        thought = ("{% if " + opens + " not in content and " + closes + " not in content %}{% set content = "
-                   + _literal(template.empty_thought) + " + content %}{% endif %}")
+        thought = ("{% if " + opens + " not in content and " + closes + " not in content %}{{ "
+                   + _literal(template.empty_thought) + " }}{% endif %}")  # before the slot, as in training
     return (
         "{{ " + expression(template.prefix, "''") + " }}" if template.prefix else ""
     ) + (

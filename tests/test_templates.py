@@ -60,3 +60,53 @@ def test_template_renders_as_llamafactory(rendering):
             got.append({"sft": digest([out["input_ids"], out["labels"]]),
                         "prompt": digest([prompt["prompt_ids"], prompt["label_ids"]])})
     assert got == rendering["cases"]
+
+
+# ---- errors: an unknown name, a token the tokenizer lacks ----------------------------------------------------------
+
+def test_unknown_template_names_the_closest_and_the_tokenizers_own():
+    with pytest.raises(ValueError) as err:
+        data_utils.get_template(TINY, "qwen3-nothink")
+    message = str(err.value)
+    assert "closest: qwen3_nothink" in message and "leave --template out" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("script", ["train_sft_pg", "train_dpo_pg"])
+def test_template_the_tokenizer_cannot_write_stops_before_the_accelerator(tiny_model, tmp_path, monkeypatch,
+                                                                          script):
+    """--template gemma on the Qwen-style tiny tokenizer (no <end_of_turn>): refused by name before the accelerator
+    (and so DeepSpeed) starts; before this check the run died in the first forward (IndexError)."""
+    import importlib
+    import sys
+
+    from run_guard import UserError
+    from test_dpo import dpo_args
+    from test_sft_e2e import sft_args
+
+    module = importlib.import_module(script)
+    monkeypatch.setattr(module, "make_accelerator", lambda args: pytest.fail("the accelerator started"))
+    make_args = sft_args if script == "train_sft_pg" else dpo_args
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *make_args(tiny_model, tmp_path / "out", template="gemma")])
+    with pytest.raises(UserError, match="the tokenizer has no token '<end_of_turn>'.*--resize_vocab True"):
+        module.main()
+
+
+def test_resize_vocab_grows_the_embeddings_as_llamafactory(tiny_model):
+    """New rows: the mean of the old rows plus N(0, 1/hidden) noise, padded to a multiple of 64 (LLaMA-Factory's
+    _noisy_mean_initialization), old rows untouched; the reference is computed in float64."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from train_utils import resize_embeddings
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    old = model.get_input_embeddings().weight.detach().clone().double()
+    resize_embeddings(model, len(old) + 3, seed=7)
+    new = model.get_input_embeddings().weight.detach().double()
+    rows = -(-(len(old) + 3) // 64) * 64
+    assert new.shape == (rows, old.shape[1]) and model.config.vocab_size == rows
+    assert torch.equal(new[:len(old)], old)
+    torch.manual_seed(7)
+    expected = old.mean(dim=0) + torch.randn(rows - len(old), old.shape[1]).double() / old.shape[1] ** 0.5
+    torch.testing.assert_close(new[len(old):], expected, rtol=0, atol=1e-6)  # float32 rounding of values ~1
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # tied: one matrix

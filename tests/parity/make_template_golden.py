@@ -7,13 +7,12 @@ system_in_user (its Llama2Template), thought_words and empty_thought (its Reason
 and, for documentation, the multimodal plugin. Tool formatters are left out (tool-use data is refused).
 
 template_golden.json: for every template, the input ids and labels LLaMA-Factory's own processors (supervised,
-pairwise, unsupervised: `_encode_data_example`; digests as in golden.json: [input_ids, labels], [chosen_input_ids,
-chosen_labels, rejected_input_ids, rejected_labels], [prompt_ids, label_ids]) make of a few conversations: with and without a system text, several
-turns, a response that carries a reasoning block, a small cutoff_len; reasoning templates also with
-enable_thinking false. Each case is run on the tiny tokenizer of tests/parity/tokenizers (with and without a bos
-token); the tokens a template names by {"token": ...} are added to it first (both sides do the same). Text rows
-only: every template runs with the text ("base") multimodal plugin, which is what a row without images, videos or
-audio gets.
+pairwise, unsupervised: `_encode_data_example`; digests as in golden.json) make of a few conversations: with and
+without a system text, several turns, a response that carries a reasoning block, a small cutoff_len; reasoning
+templates also with enable_thinking false. Each case is run on the tiny tokenizer of tests/parity/tokenizers (with
+and without a bos token); the tokens a template names by {"token": ...} are added to it first (both sides do the
+same). Text rows only: every template runs with the text ("base") multimodal plugin, which is what a row without
+images, videos or audio gets.
 
 Run it in LLaMA-Factory's virtual environment (see make_golden.py), from the repository root:
 
