@@ -47,8 +47,9 @@ class DataError(ValueError):
 # dataset_info.json (LLaMA-Factory's parser.py and loader.py)
 # ---------------------------------------------------------------------------------------------------------------
 
-ENTRY_KEYS = {"file_name", "hf_hub_url", "formatting", "ranking", "columns", "tags", "subset", "split", "folder",
-              "num_samples"}
+ENTRY_KEYS = {"file_name", "hf_hub_url", "ms_hub_url", "om_hub_url", "formatting", "ranking", "columns", "tags",
+              "subset", "split", "folder", "num_samples"}
+OTHER_HUBS = {"ms_hub_url": "ModelScope", "om_hub_url": "Modelers (openMind)"}
 COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "history": None,
            "messages": "conversations", "system": None, "chosen": None, "rejected": None}
 TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
@@ -80,8 +81,15 @@ def _entry_spec(name, entry, dataset_dir, where):
     unknown = set(entry) - ENTRY_KEYS
     if unknown:
         raise DataError(f"{where}: unsupported keys {sorted(unknown)} (supported: {', '.join(sorted(ENTRY_KEYS))})")
+    # LLaMA-Factory with USE_MODELSCOPE_HUB / USE_OPENMIND_HUB off: hf_hub_url wins; an entry with only ms_hub_url
+    # or om_hub_url is still read from that hub, which this project does not reach
+    other_hub = next((key for key in OTHER_HUBS if key in entry), None)
     if "hf_hub_url" in entry:
         source, from_hub = entry["hf_hub_url"], True
+    elif other_hub:
+        raise DataError(f"{where}: only on {OTHER_HUBS[other_hub]} ({other_hub} {entry[other_hub]!r}), which these "
+                        "scripts do not download from: download it and name the file with 'file_name', or add its "
+                        "Hugging Face copy as 'hf_hub_url'")
     elif "file_name" in entry:
         source, from_hub = str(Path(dataset_dir) / entry["file_name"]), False
     else:
@@ -108,6 +116,9 @@ def _entry_spec(name, entry, dataset_dir, where):
         columns.update(chosen="chosen", rejected="rejected")
     if ranking and not (columns["chosen"] and columns["rejected"]):
         raise DataError(f"{where}: a ranking dataset needs columns.chosen and columns.rejected")
+    if formatting == "alpaca" and not ranking and not columns["response"]:
+        raise DataError(f"{where}: no response column: pre-training text (LLaMA-Factory's --stage pt), which these "
+                        "scripts do not train on (SFT needs a response, DPO chosen and rejected)")
     num_samples = entry.get("num_samples")
     if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 1):
         raise DataError(f"{where}, field 'num_samples': expected a positive integer, got {num_samples!r}")

@@ -110,3 +110,57 @@ def test_resize_vocab_grows_the_embeddings_as_llamafactory(tiny_model):
     expected = old.mean(dim=0) + torch.randn(rows - len(old), old.shape[1]).double() / old.shape[1] ** 0.5
     torch.testing.assert_close(new[len(old):], expected, rtol=0, atol=1e-6)  # float32 rounding of values ~1
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # tied: one matrix
+
+
+# ---- LLaMA-Factory's stock dataset_info.json ---------------------------------------------------------------------
+
+STOCK_INFO = PARITY / "llamafactory_data" / "dataset_info.json"  # data/dataset_info.json of llamafactory-0.9.5's sdist
+STOCK_SHA256 = "17162e129cbfede1ef7e955dbb7819146b78cd8809fa4f39dff4f9e61308c50f"
+
+
+def expected_refusal(entry):
+    """Why this project cannot train on a stock entry, read from the entry alone (None: it can)."""
+    columns = entry.get("columns", {})
+    if "hf_hub_url" not in entry and "file_name" not in entry:
+        return "only on ModelScope"
+    if {"images", "videos", "audios"} & set(columns):
+        return "multimodal data is not supported"
+    if "tools" in columns:
+        return "tool-use data is not supported"
+    if "kto_tag" in columns:
+        return "KTO data is not supported"
+    if entry.get("formatting", "alpaca") == "alpaca" and not entry.get("ranking") and "columns" in entry \
+            and not columns.get("response"):
+        return "pre-training text"
+    return None
+
+
+def test_llamafactory_stock_dataset_info_resolves_whole():
+    """Every entry resolves without network as LLaMA-Factory's DatasetAttr does with its ModelScope / Modelers hubs
+    off (hf_hub_url first, else file_name), or is refused in one line that names it and says why."""
+    import hashlib
+    from collections import Counter
+
+    assert hashlib.sha256(STOCK_INFO.read_bytes()).hexdigest() == STOCK_SHA256
+    info = json.loads(STOCK_INFO.read_text(encoding="utf-8"))
+    outcomes = Counter()
+    for name, entry in info.items():
+        reason = expected_refusal(entry)
+        if reason:
+            with pytest.raises(data_utils.DataError) as err:
+                data_utils.resolve_dataset(name, STOCK_INFO.parent)
+            assert f"dataset '{name}'" in str(err.value) and reason in str(err.value) and "\n" not in str(err.value)
+            outcomes[reason] += 1
+            continue
+        spec = data_utils.resolve_dataset(name, STOCK_INFO.parent)
+        expected = (entry["hf_hub_url"], True) if "hf_hub_url" in entry else \
+            (str(STOCK_INFO.parent / entry["file_name"]), False)
+        assert (spec.source, spec.from_hub) == expected
+        assert (spec.ranking, spec.formatting) == (entry.get("ranking", False), entry.get("formatting", "alpaca"))
+        outcomes["hub" if spec.from_hub else "file"] += 1
+    assert len(info) == 104 and outcomes == {"hub": 60, "file": 5, "pre-training text": 17,
+                                             "multimodal data is not supported": 13,
+                                             "tool-use data is not supported": 5, "KTO data is not supported": 3,
+                                             "only on ModelScope": 1}
+    ultrafeedback = data_utils.resolve_dataset("ultrafeedback", STOCK_INFO.parent)  # the paper's DPO set
+    assert (ultrafeedback.source, ultrafeedback.ranking) == ("llamafactory/ultrafeedback_binarized", True)
