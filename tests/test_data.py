@@ -297,8 +297,17 @@ def test_sft_data_where_pairs_are_needed_and_back(tmp_path):
 
 
 def test_unsupported_dataset_info_keys(tmp_path):
-    write_dataset(tmp_path, [{"instruction": "q", "output": "a"}], {"ms_hub_url": "x"})
-    with pytest.raises(DataError, match=r"dataset 'set': unsupported keys \['ms_hub_url'\]"):
+    write_dataset(tmp_path, [{"instruction": "q", "output": "a"}], {"cloud_file_name": "x"})
+    with pytest.raises(DataError, match=r"dataset 'set': unsupported keys \['cloud_file_name'\]"):
+        data_utils.load_conversations("set", tmp_path, ranking=False)
+
+
+def test_modelscope_entries_resolve_as_llamafactory_with_its_hubs_off(tmp_path):
+    """hf_hub_url wins over ms_hub_url; without it LLaMA-Factory reads ModelScope even beside a file_name: refused."""
+    write_dataset(tmp_path, [{"instruction": "q", "output": "a"}], {"ms_hub_url": "org/x", "hf_hub_url": "org/y"})
+    assert data_utils.resolve_dataset("set", tmp_path).source == "org/y"
+    write_dataset(tmp_path, [{"instruction": "q", "output": "a"}], {"ms_hub_url": "org/x"})
+    with pytest.raises(DataError, match=r"dataset 'set': only on ModelScope \(ms_hub_url 'org/x'\)"):
         data_utils.load_conversations("set", tmp_path, ranking=False)
 
 
