@@ -164,3 +164,22 @@ def test_llamafactory_stock_dataset_info_resolves_whole():
                                              "only on ModelScope": 1}
     ultrafeedback = data_utils.resolve_dataset("ultrafeedback", STOCK_INFO.parent)  # the paper's DPO set
     assert (ultrafeedback.source, ultrafeedback.ranking) == ("llamafactory/ultrafeedback_binarized", True)
+
+
+def test_resize_vocab_trains_with_a_template_of_another_family(tiny_model, tmp_path, monkeypatch):
+    """--template gemma --resize_vocab True on the tiny Qwen-style model: <end_of_turn> is added as eos, the
+    embeddings grow to 576 rows (513 padded to 64), and two steps train (before: IndexError in the first forward)."""
+    import sys
+
+    import train_sft_pg
+    from test_sft_e2e import sft_args
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", ["train_sft_pg.py", *sft_args(
+        tiny_model, out, template="gemma", resize_vocab=True, max_steps=2, max_samples=8, stage="sft",
+        base_method="none", base_dataset=None, base_num_samples=None, base_num_steps=None,
+        gradient_accumulation_steps=1, logging_steps=1)])
+    train_sft_pg.main()
+    saved = json.loads((out / "config.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert saved["vocab_size"] == 576 and len(tokenizer) == 513 and tokenizer.eos_token == "<end_of_turn>"
