@@ -30,6 +30,7 @@ def test_every_llamafactory_template_has_goldens():
     assert GOLDEN["llamafactory"] == "0.9.5"
     assert {r["template"] for r in GOLDEN["renderings"]} == set(data_utils.TEMPLATES)
     assert len(data_utils.TEMPLATES) == 121
+    assert TINY.encode(GOLDEN["fingerprint_text"]) == GOLDEN["fingerprint_ids"]  # the tokenizer splits as there
 
 
 @pytest.mark.parametrize("rendering", GOLDEN["renderings"], ids=[golden_id(r) for r in GOLDEN["renderings"]])

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_golden import ROOT, TOKENIZERS, digest, import_llamafactory  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+FINGERPRINT_TEXT = "Hello world 12345, héllo <|im_start|>user\n✓"  # a tokenizer that splits differently fails loudly
 BOS_VARIANT = "<s>"  # the bos token added for the "with bos" cases (the tiny tokenizer has none)
 CUTOFF_SMALL = 24
 
@@ -126,6 +127,7 @@ def render(lf, name, tokenizer_variant, enable_thinking):
 
 def main():
     lf = import_llamafactory()
+    from transformers import AutoTokenizer
     from llamafactory.data import template as template_module
 
     lf.templates = template_module.TEMPLATES
@@ -146,7 +148,9 @@ def main():
     cases = {"|".join(words): [{**conversation, "cutoff_len": cutoff_len} for conversation in conversations(words)
                                 for cutoff_len in (2048, CUTOFF_SMALL)] for words in thought_words}
     (HERE / "template_golden.json").write_text(json.dumps(
-        {"llamafactory": llamafactory.__version__, "tokenizer": "tiny", "cases_by_thought_words": cases,
+        {"llamafactory": llamafactory.__version__, "tokenizer": "tiny", "fingerprint_text": FINGERPRINT_TEXT,
+         "fingerprint_ids": AutoTokenizer.from_pretrained(TOKENIZERS / "tiny").encode(FINGERPRINT_TEXT),
+         "cases_by_thought_words": cases,
          "renderings": golden}, separators=(",", ":"), ensure_ascii=False).replace('},{"template"', '},\n{"template"'))
     print(f"wrote chat_templates.json ({len(table)} templates) and template_golden.json ({len(golden)} renderings)")
 
