@@ -184,3 +184,15 @@ def test_resize_vocab_trains_with_a_template_of_another_family(tiny_model, tmp_p
     saved = json.loads((out / "config.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert saved["vocab_size"] == 576 and len(tokenizer) == 513 and tokenizer.eos_token == "<end_of_turn>"
+
+
+def test_resize_vocab_with_lora_is_refused(tiny_model, tmp_path):
+    """The new rows would stay untrained beside the adapters: refused with the flags."""
+    from arguments import build_parser, check_args
+    from run_guard import UserError
+    from test_sft_e2e import sft_args
+
+    args = build_parser("", "sft_pg", 1e-5).parse_args(sft_args(tiny_model, tmp_path / "out", template="gemma",
+                                                                resize_vocab=True, finetuning_type="lora"))
+    with pytest.raises(UserError, match="--resize_vocab with --finetuning_type lora is not supported"):
+        check_args(args, "sft_pg")
