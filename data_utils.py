@@ -540,8 +540,8 @@ def apply_template(tokenizer, name, log=print, resize_vocab=False, enable_thinki
         raise ValueError(f"--template {name}: the tokenizer has no token {missing[0]!r}"
                          + (f" (nor {', '.join(map(repr, missing[1:]))})" if missing[1:] else "")
                          + ": this template is for another model family; leave --template out to use the "
-                           "tokenizer's own chat template, or pass --resize_vocab True to add the token(s) with new "
-                           "embedding rows (as LLaMA-Factory does)")
+                           "tokenizer's own chat template, or (training) pass --resize_vocab True to add the token(s) "
+                           "with new embedding rows, as LLaMA-Factory does")
     size = len(tokenizer)
     stop_words = list(template.stop_words)
     if template.replace_eos and tokenizer.eos_token != stop_words[0]:
