@@ -113,8 +113,11 @@ def build_parser(description, stage, default_lr):
     flag(g, "--model_name_or_path", required=True, help="hub id or local folder of a causal LM")
     flag(g, "--finetuning_type", default="full", choices=["full", "lora"],
          help="full: train every weight; lora: train LoRA adapters (peft) on the frozen model")
-    flag(g, "--template", default=None, help=f"chat template for tokenizers without one ({', '.join(TEMPLATES)}); "
-                                             "overrides the tokenizer's own")
+    flag(g, "--template", default=None, help=f"one of LLaMA-Factory 0.9.5's {len(TEMPLATES)} chat templates (README: "
+                                             "Data), e.g. qwen3_nothink, llama3; default: the tokenizer's own")
+    flag(g, "--resize_vocab", bool, default=False,
+         help="let --template add the special tokens the tokenizer lacks, growing the embeddings (new rows: the mean "
+              "of the others plus noise, as LLaMA-Factory does); otherwise such a template is refused")
     flag(g, "--flash_attn", default="auto", choices=["auto", "disabled", "sdpa", "fa2"],
          help="attention kernel: auto (transformers' default), disabled (eager), sdpa, fa2 (flash_attention_2)")
     flag(g, "--trust_remote_code", bool, default=False, help="allow model/tokenizer code from the hub")
@@ -153,6 +156,9 @@ def build_parser(description, stage, default_lr):
          help="worker processes that build micro-batches ahead of the step (not supported yet: leave at 0)")
     flag(g, "--strict_data", bool, default=False, help="stop at the first bad row (naming file, row and field) "
                                                        "instead of dropping the rows LLaMA-Factory drops (logged)")
+    flag(g, "--enable_thinking", bool, default=True,
+         help="reasoning templates (qwen3, deepseekr1, ...): False removes every response's reasoning block and puts "
+              "the empty one at the end of the prompt, untrained (LLaMA-Factory's enable_thinking)")
 
     g = parser.add_argument_group("optimisation")
     flag(g, "--learning_rate", POSITIVE_FLOAT, default=default_lr, help="peak learning rate")
@@ -241,6 +247,10 @@ def check_args(args, stage):
                         f"--stage {stage}")
     if not args.do_train:
         raise UserError("--do_train False: these scripts only train (evaluation is not implemented)")
+    if args.resize_vocab and args.finetuning_type == "lora":
+        raise UserError("--resize_vocab with --finetuning_type lora is not supported: the new embedding rows would "
+                        "have to train beside the adapters; use --finetuning_type full, or a template whose tokens "
+                        "the tokenizer has")
     resolve_lora_flags(args)
     for name, default in NOT_YET_SUPPORTED.items():
         if getattr(args, name) != default:

@@ -44,7 +44,7 @@ RESUME_OGPSA = {
 }
 RESUME_MUST_MATCH = RESUME_OGPSA | {
     "stage", "do_train", "seed", "deepspeed",  # run
-    "model_name_or_path", "finetuning_type", "template", "flash_attn",  # model
+    "model_name_or_path", "finetuning_type", "template", "flash_attn", "resize_vocab", "enable_thinking",  # model
     "lora_rank", "lora_alpha", "lora_dropout", "lora_target", "use_rslora", "adapter_name_or_path",  # LoRA
     "dataset_dir", "dataset", "cutoff_len", "max_samples",  # data
     "learning_rate", "num_train_epochs", "max_steps", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps",

@@ -24,13 +24,14 @@ input ids and labels are LLaMA-Factory's; tests/test_parity.py checks this again
 """
 
 import array
+import difflib
 import enum
 import hashlib
 import itertools
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -46,8 +47,9 @@ class DataError(ValueError):
 # dataset_info.json (LLaMA-Factory's parser.py and loader.py)
 # ---------------------------------------------------------------------------------------------------------------
 
-ENTRY_KEYS = {"file_name", "hf_hub_url", "formatting", "ranking", "columns", "tags", "subset", "split", "folder",
-              "num_samples"}
+ENTRY_KEYS = {"file_name", "hf_hub_url", "ms_hub_url", "om_hub_url", "formatting", "ranking", "columns", "tags",
+              "subset", "split", "folder", "num_samples"}
+OTHER_HUBS = {"ms_hub_url": "ModelScope", "om_hub_url": "Modelers (openMind)"}
 COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "history": None,
            "messages": "conversations", "system": None, "chosen": None, "rejected": None}
 TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
@@ -79,8 +81,15 @@ def _entry_spec(name, entry, dataset_dir, where):
     unknown = set(entry) - ENTRY_KEYS
     if unknown:
         raise DataError(f"{where}: unsupported keys {sorted(unknown)} (supported: {', '.join(sorted(ENTRY_KEYS))})")
+    # LLaMA-Factory with USE_MODELSCOPE_HUB / USE_OPENMIND_HUB off: hf_hub_url wins; an entry with only ms_hub_url
+    # or om_hub_url is still read from that hub, which this project does not reach
+    other_hub = next((key for key in OTHER_HUBS if key in entry), None)
     if "hf_hub_url" in entry:
         source, from_hub = entry["hf_hub_url"], True
+    elif other_hub:
+        raise DataError(f"{where}: only on {OTHER_HUBS[other_hub]} ({other_hub} {entry[other_hub]!r}), which these "
+                        "scripts do not download from: download it and name the file with 'file_name', or add its "
+                        "Hugging Face copy as 'hf_hub_url'")
     elif "file_name" in entry:
         source, from_hub = str(Path(dataset_dir) / entry["file_name"]), False
     else:
@@ -107,6 +116,9 @@ def _entry_spec(name, entry, dataset_dir, where):
         columns.update(chosen="chosen", rejected="rejected")
     if ranking and not (columns["chosen"] and columns["rejected"]):
         raise DataError(f"{where}: a ranking dataset needs columns.chosen and columns.rejected")
+    if formatting == "alpaca" and not ranking and not columns["response"]:
+        raise DataError(f"{where}: no response column: pre-training text (LLaMA-Factory's --stage pt), which these "
+                        "scripts do not train on (SFT needs a response, DPO chosen and rejected)")
     num_samples = entry.get("num_samples")
     if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 1):
         raise DataError(f"{where}, field 'num_samples': expected a positive integer, got {num_samples!r}")
@@ -389,7 +401,7 @@ def to_conversations(spec, rows, origins, ranking, strict=False):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Templates (LLaMA-Factory's template.py, for the text templates shipped here)
+# Templates (LLaMA-Factory's template.py: every template of its registry, as data in chat_templates.json)
 # ---------------------------------------------------------------------------------------------------------------
 
 class Special(enum.Enum):
@@ -403,13 +415,26 @@ BOS, EOS = Special.BOS, Special.EOS
 
 
 @dataclass(frozen=True)
+class Token:
+    """A slot written as the id of one vocabulary entry (chatglm3's <|user|>), however its text would tokenise."""
+
+    text: str
+
+
+@dataclass(frozen=True)
 class Template:
-    """How each message is written: slots (strings with "{{content}}" where the text goes, or BOS / EOS).
+    """How each message is written: slots (strings with "{{content}}" where the text goes, BOS / EOS, or Token).
 
     Message 0 is preceded by `prefix` and the system slots (filled with the row's system text, else
-    `default_system`); with `system_in_user` (llama2, mistral, gemma) the filled system slot instead opens the first
-    user message. `stop_words[0]` becomes the eos token if `replace_eos`; the other stop words are added as special
-    tokens. `thought` (qwen3) is an empty reasoning block put before every response that has none (and trained on).
+    `default_system`); with `system_in_user` (LLaMA-Factory's Llama2Template: llama2, mistral, gemma) the first
+    system slot, filled, instead opens the first user message. `stop_words[0]` becomes the eos token if
+    `replace_eos`; the other stop words are added as special tokens. With `efficient_eos` the assistant slots end
+    without eos: one eos closes the whole sequence, and the eos after each earlier response is trained as the label of
+    the next prompt's first token. `thought_words` (reasoning templates: qwen3, deepseekr1, ...) open and close a
+    reasoning block: a response without one gets `empty_thought` before it (trained on, or with `enable_thinking`
+    false put at the end of the prompt instead, every response's own block then removed), and earlier responses of a
+    preference prompt lose theirs. `multimodal_plugin` names LLaMA-Factory's plugin for images etc. (text rows only
+    here).
     """
 
     user: tuple = ("{{content}}",)
@@ -419,34 +444,36 @@ class Template:
     default_system: str = ""
     stop_words: tuple = ()
     replace_eos: bool = False
+    efficient_eos: bool = False
     system_in_user: bool = False
-    thought: str = None
+    thought_words: tuple = None
+    empty_thought: str = None
+    enable_thinking: bool = True
+    multimodal_plugin: str = None
+
+    def tokens(self):
+        """The vocabulary entries this template writes as single tokens: stop words and Token slots."""
+        slots = self.user + self.assistant + self.system + self.prefix
+        return list(dict.fromkeys([*self.stop_words, *(slot.text for slot in slots if isinstance(slot, Token))]))
 
 
-CHATML = {"user": ("<|im_start|>user\n{{content}}<|im_end|>\n<|im_start|>assistant\n",),
-          "assistant": ("{{content}}<|im_end|>\n",), "system": ("<|im_start|>system\n{{content}}<|im_end|>\n",)}
-EMPTY_THOUGHT = "<think>\n\n</think>\n\n"
-TEMPLATES = {
-    "default": Template(user=("Human: {{content}}", EOS, "\nAssistant:"), assistant=("{{content}}", EOS, "\n"),
-                        system=("System: {{content}}", EOS, "\n")),
-    "empty": Template(assistant=("{{content}}",)),
-    "chatml": Template(**CHATML, stop_words=("<|im_end|>", "<|im_start|>"), replace_eos=True),
-    "qwen": Template(**CHATML, default_system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
-                     stop_words=("<|im_end|>",), replace_eos=True),
-    "qwen3": Template(**CHATML, stop_words=("<|im_end|>",), replace_eos=True, thought=EMPTY_THOUGHT),
-    "llama2": Template(user=(BOS, "[INST] {{content}} [/INST]"), system=("<<SYS>>\n{{content}}\n<</SYS>>\n\n",),
-                       system_in_user=True),
-    "llama3": Template(user=("<|start_header_id|>user<|end_header_id|>\n\n{{content}}<|eot_id|>"
-                             "<|start_header_id|>assistant<|end_header_id|>\n\n",),
-                       assistant=("{{content}}<|eot_id|>",),
-                       system=("<|start_header_id|>system<|end_header_id|>\n\n{{content}}<|eot_id|>",),
-                       prefix=(BOS,), stop_words=("<|eot_id|>", "<|eom_id|>"), replace_eos=True),
-    "mistral": Template(user=("[INST] {{content}}[/INST]",), assistant=(" {{content}}", EOS),
-                        system=("{{content}}\n\n",), prefix=(BOS,), system_in_user=True),
-    "gemma": Template(user=("<start_of_turn>user\n{{content}}<end_of_turn>\n<start_of_turn>model\n",),
-                      assistant=("{{content}}<end_of_turn>\n",), system=("{{content}}\n\n",), prefix=(BOS,),
-                      stop_words=("<end_of_turn>",), replace_eos=True, system_in_user=True),
-}
+def _slot(data):
+    if isinstance(data, str):
+        return data
+    return Special(data["special"]) if "special" in data else Token(data["token"])
+
+
+def load_templates(path):
+    """chat_templates.json (written from LLaMA-Factory's registry by tests/parity/make_template_golden.py)."""
+    table = json.loads(Path(path).read_text(encoding="utf-8"))["templates"]
+    return {name: Template(**{key: tuple(_slot(s) for s in value) if key in ("user", "assistant", "system", "prefix")
+                              else tuple(value) if isinstance(value, list) else value
+                              for key, value in entry.items()})
+            for name, entry in table.items()}
+
+
+TEMPLATES = load_templates(Path(__file__).with_name("chat_templates.json"))
+THOUGHT_WORDS = ("<think>\n", "\n</think>\n\n")  # LLaMA-Factory's default, and a tokenizer template's with <think>
 
 
 def template_from_tokenizer(tokenizer):
@@ -468,7 +495,7 @@ def template_from_tokenizer(tokenizer):
     user = render([{"role": "user", "content": "{{content}}"}], True)
     assistant = render([{"role": "user", "content": "{{content}}"}, {"role": "assistant", "content": "{{content}}"}],
                        False)[len(user):]
-    thought = EMPTY_THOUGHT if "<think>" in assistant else None
+    reasoning = "<think>" in assistant
     assistant = assistant.replace("<think>", "").replace("</think>", "").lstrip("\n")
     default_system = ""
     if len(user) > len(user_after_empty_system):
@@ -481,30 +508,53 @@ def template_from_tokenizer(tokenizer):
         default_system = extra
         user = user[len(system.replace("{{content}}", default_system, 1)):]
     return Template(user=(user,), assistant=(assistant,), system=(system,), prefix=(prefix,) if prefix else (),
-                    default_system=default_system, thought=thought)
+                    default_system=default_system, thought_words=THOUGHT_WORDS if reasoning else None,
+                    empty_thought="".join(THOUGHT_WORDS) if reasoning else None)
 
 
-def get_template(tokenizer, name):
-    """--template NAME, else the tokenizer's own chat template."""
+def get_template(tokenizer, name, enable_thinking=True):
+    """--template NAME, else the tokenizer's own chat template; `enable_thinking` applies to reasoning templates."""
     if name:
         if name not in TEMPLATES:
-            raise ValueError(f"unknown --template {name!r}; available: {', '.join(TEMPLATES)}")
-        return TEMPLATES[name]
-    if not isinstance(tokenizer.chat_template, str):
-        raise ValueError(f"the tokenizer has no chat template: pass --template ({', '.join(TEMPLATES)}); "
+            close = difflib.get_close_matches(name, TEMPLATES, n=4, cutoff=0.6)
+            raise ValueError(f"unknown --template {name!r}" + (f"; closest: {', '.join(close)}" if close else "")
+                             + f" ({len(TEMPLATES)} templates of LLaMA-Factory 0.9.5 are known, see README); leave "
+                             "--template out to use the tokenizer's own chat template")
+        template = TEMPLATES[name]
+    elif isinstance(tokenizer.chat_template, str):
+        template = template_from_tokenizer(tokenizer)
+    else:
+        raise ValueError("the tokenizer has no chat template: pass --template (e.g. chatml, llama3, qwen3); "
                          "LLaMA-Factory falls back to 'empty' here, so --template empty does what it does")
-    return template_from_tokenizer(tokenizer)
+    return replace(template, enable_thinking=enable_thinking) if template.thought_words else template
 
 
-def apply_template(tokenizer, name, log=print):
+def missing_tokens(tokenizer, template):
+    """The template's single-token entries (stop words, Token slots; <|endoftext|> when there is no eos) that the
+    tokenizer's vocabulary lacks: apply_template would add them, and the model has no embedding for them."""
+    needed = template.tokens() + ([] if tokenizer.eos_token_id is not None or template.replace_eos else
+                                  ["<|endoftext|>"])
+    vocabulary = tokenizer.get_vocab()
+    return [token for token in needed if token not in vocabulary]
+
+
+def apply_template(tokenizer, name, log=print, resize_vocab=False, enable_thinking=True):
     """Resolve the template and fix the tokenizer's special tokens as LLaMA-Factory does; returns the Template.
 
     With replace_eos the template's first stop word becomes the eos token (llama3: <|eot_id|>); a tokenizer
-    without eos gets <|endoftext|>, one without pad uses eos; the other stop words become special tokens. Tokens the
-    vocabulary lacks are added, as in LLaMA-Factory (which then needs --resize_vocab; these scripts do not resize).
+    without eos gets <|endoftext|>, one without pad uses eos; the other stop words become special tokens. A token the
+    vocabulary lacks is refused (ValueError naming it) unless `resize_vocab`: it is then added, and the model's
+    embeddings must grow (train_utils.resize_embeddings, LLaMA-Factory's --resize_vocab).
     --template NAME is also installed as the tokenizer's chat template (saved with the model, for generation).
     """
-    template = get_template(tokenizer, name)
+    template = get_template(tokenizer, name, enable_thinking)
+    missing = missing_tokens(tokenizer, template)
+    if missing and not resize_vocab:
+        raise ValueError(f"--template {name}: the tokenizer has no token {missing[0]!r}"
+                         + (f" (nor {', '.join(map(repr, missing[1:]))})" if missing[1:] else "")
+                         + ": this template is for another model family; leave --template out to use the "
+                           "tokenizer's own chat template, or (training) pass --resize_vocab True to add the token(s) "
+                           "with new embedding rows, as LLaMA-Factory does")
     size = len(tokenizer)
     stop_words = list(template.stop_words)
     if template.replace_eos and tokenizer.eos_token != stop_words[0]:
@@ -516,10 +566,13 @@ def apply_template(tokenizer, name, log=print):
         tokenizer.pad_token = tokenizer.eos_token
     if stop_words:
         tokenizer.add_special_tokens({"additional_special_tokens": stop_words})
+    named = [token for token in template.tokens() if token not in tokenizer.get_vocab()]
+    if named:  # Token slots LLaMA-Factory looks up without adding (it would write an unknown id)
+        tokenizer.add_tokens(named, special_tokens=True)
     if len(tokenizer) > size:
-        log(f"warning: the template added {len(tokenizer) - size} token(s) the tokenizer lacked "
-            f"({', '.join(tokenizer.convert_ids_to_tokens(list(range(size, len(tokenizer)))))}): the model has no "
-            "embeddings for them")
+        log(f"--resize_vocab: the template added {len(tokenizer) - size} token(s) "
+            f"({', '.join(tokenizer.convert_ids_to_tokens(list(range(size, len(tokenizer)))))}); the model's "
+            "embeddings grow to match")
     if name:
         tokenizer.chat_template = jinja_template(template)
     return template
@@ -536,14 +589,19 @@ def jinja_template(template):
         for slot in slots:
             if isinstance(slot, Special):
                 parts.append(f"({slot.value} or '')")
-                continue
-            parts.append(f" + {content} + ".join(_literal(piece) for piece in slot.split("{{content}}")))
+            elif isinstance(slot, Token):
+                parts.append(_literal(slot.text))
+            else:
+                parts.append(f" + {content} + ".join(_literal(piece) for piece in slot.split("{{content}}")))
         return " + ".join(parts)
 
-    system = expression(template.system, "system")
+    system = expression(template.system[:1] if template.system_in_user else template.system, "system")
     opening = ("{% set content = " + system + " + content %}" if template.system_in_user else "{{ " + system + " }}")
-    thought = ("{% if '<think>' not in content and '</think>' not in content %}{% set content = "
-               + _literal(template.thought) + " + content %}{% endif %}") if template.thought else ""
+    thought = ""
+    if template.thought_words:
+        opens, closes = (_literal(word.strip()) for word in template.thought_words)
+        thought = ("{% if " + opens + " not in content and " + closes + " not in content %}{{ "
+                   + _literal(template.empty_thought) + " }}{% endif %}")  # before the slot, as in training
     return (
         "{{ " + expression(template.prefix, "''") + " }}" if template.prefix else ""
     ) + (
@@ -558,7 +616,7 @@ def jinja_template(template):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Tokenisation and truncation (LLaMA-Factory's processor/supervised.py and pairwise.py)
+# Tokenisation and truncation (LLaMA-Factory's Template.encode_* and processor/supervised.py, pairwise.py)
 # ---------------------------------------------------------------------------------------------------------------
 
 def _ids(tokenizer, slots, content):
@@ -568,6 +626,8 @@ def _ids(tokenizer, slots, content):
         if isinstance(slot, Special):
             special = getattr(tokenizer, f"{slot.value}_id")
             ids += [] if special is None else [special]
+        elif isinstance(slot, Token):
+            ids.append(tokenizer.convert_tokens_to_ids(slot.text))
         elif slot:
             text = slot.replace("{{content}}", content, 1)
             ids += tokenizer.encode(text, add_special_tokens=False) if text else []
@@ -591,11 +651,48 @@ def encode_messages(template, tokenizer, system, messages):
     return encoded
 
 
-def _with_thought(template, tokenizer, response, ids):
-    """qwen3: a response without a reasoning block is trained with an empty one before it."""
-    if template.thought and "<think>" not in response and "</think>" not in response:
-        return tokenizer.encode(template.thought, add_special_tokens=False) + ids
-    return ids
+def _remove_thought(template, text):
+    opens, closes = (re.escape(word) for word in template.thought_words)
+    return re.sub(f"{opens}(.*?){closes}", "", text, flags=re.DOTALL).lstrip("\n")
+
+
+def _lacks_thought(template, response):
+    return all(word.strip() not in response for word in template.thought_words)
+
+
+def encode_multiturn(template, tokenizer, system, messages):
+    """[(prompt ids, response ids)] of every turn (LLaMA-Factory's encode_multiturn, ReasoningTemplate's included):
+    a response without a reasoning block gets an empty one, trained on (or, with enable_thinking false, every block
+    is removed and the empty one ends the prompt)."""
+    if template.thought_words and not template.enable_thinking:
+        messages = [_remove_thought(template, text) if i % 2 else text for i, text in enumerate(messages)]
+    encoded = encode_messages(template, tokenizer, system, messages)
+    if template.thought_words:
+        thought = tokenizer.encode(template.empty_thought, add_special_tokens=False)
+        for i in range(0, len(messages), 2):
+            if _lacks_thought(template, messages[i + 1]):
+                if template.enable_thinking:
+                    encoded[i + 1] = thought + encoded[i + 1]
+                else:
+                    encoded[i] = encoded[i] + thought
+    return [(encoded[i], encoded[i + 1]) for i in range(0, len(encoded), 2)]
+
+
+def encode_oneturn(template, tokenizer, system, messages):
+    """(prompt ids, response ids) of the last response after every earlier message (LLaMA-Factory's
+    encode_oneturn): a reasoning template removes the earlier responses' reasoning blocks, then treats the last
+    response as encode_multiturn does."""
+    if template.thought_words:
+        messages = [_remove_thought(template, text) if i % 2 and i < len(messages) - 1 else text
+                    for i, text in enumerate(messages)]
+        if not template.enable_thinking:
+            messages[-1] = _remove_thought(template, messages[-1])
+    encoded = encode_messages(template, tokenizer, system, messages)
+    prompt, response = [t for ids in encoded[:-1] for t in ids], encoded[-1]
+    if template.thought_words and _lacks_thought(template, messages[-1]):
+        thought = tokenizer.encode(template.empty_thought, add_special_tokens=False)
+        prompt, response = (prompt, thought + response) if template.enable_thinking else (prompt + thought, response)
+    return prompt, response
 
 
 def budget(source_len, target_len, cutoff_len):
@@ -618,35 +715,29 @@ def tokenize_sft(conversation, tokenizer, template, cutoff_len):
     """input_ids / labels for every response of a conversation; each turn keeps the start of its prompt and response.
 
     Turns are added while the sequence is shorter than cutoff_len, each cut to the budget left. A response can be
-    cut away entirely: its labels are then all IGNORE_INDEX (the row is kept, as in LLaMA-Factory).
+    cut away entirely: its labels are then all IGNORE_INDEX (the row is kept, as in LLaMA-Factory). With
+    efficient_eos one eos (trained on) ends the sequence and counts against cutoff_len from the start.
     """
     messages = [text for turn in conversation["turns"] for text in turn]
-    encoded = encode_messages(template, tokenizer, conversation["system"], messages)
+    eos = [tokenizer.eos_token_id] if template.efficient_eos else []
     input_ids, labels = [], []
-    for i in range(0, len(encoded), 2):
-        if len(input_ids) >= cutoff_len:
+    for turn, (source, target) in enumerate(encode_multiturn(template, tokenizer, conversation["system"], messages)):
+        if len(input_ids) + len(eos) >= cutoff_len:
             break
-        source, target = encoded[i], _with_thought(template, tokenizer, messages[i + 1], encoded[i + 1])
-        keep_source, keep_target = budget(len(source), len(target), cutoff_len - len(input_ids))
+        keep_source, keep_target = budget(len(source), len(target), cutoff_len - len(input_ids) - len(eos))
         input_ids += source[:keep_source] + target[:keep_target]
-        labels += [IGNORE_INDEX] * keep_source + target[:keep_target]
-    return {"input_ids": input_ids, "labels": labels}
+        # efficient_eos: the eos the previous response lacks is the label of this prompt's first token
+        source_labels = eos + [IGNORE_INDEX] * (keep_source - 1) if eos and turn else [IGNORE_INDEX] * keep_source
+        labels += source_labels + target[:keep_target]
+    return {"input_ids": input_ids + eos, "labels": labels + eos}
 
 
-def _remove_thought(text):
-    return re.sub(r"<think>\n(.*?)\n</think>\n\n", "", text, flags=re.DOTALL).lstrip("\n")
-
-
-def _prompt_ids(template, tokenizer, system, turns, prompt):
-    """Token ids of the system text, the earlier turns and the last user message, as one prompt."""
-    history = [text for turn in turns for text in turn]
-    if template.thought:  # earlier reasoning is not shown to the model (LLaMA-Factory's ReasoningTemplate)
-        history = [_remove_thought(text) if i % 2 else text for i, text in enumerate(history)]
-    return [t for ids in encode_messages(template, tokenizer, system, history + [prompt]) for t in ids]
-
-
-def _response_ids(template, tokenizer, response):
-    return _with_thought(template, tokenizer, response, _ids(tokenizer, template.assistant, response))
+def _prompt_and_responses(template, tokenizer, system, turns, prompt, responses):
+    """Prompt ids (from the first response's encoding, as LLaMA-Factory takes them) and each response's ids."""
+    history = [text for turn in turns for text in turn] + [prompt]
+    eos = [tokenizer.eos_token_id] if template.efficient_eos else []
+    encoded = [encode_oneturn(template, tokenizer, system, history + [response]) for response in responses]
+    return encoded[0][0], [response_ids + eos for _, response_ids in encoded]
 
 
 def tokenize_pair(conversation, tokenizer, template, cutoff_len):
@@ -654,11 +745,12 @@ def tokenize_pair(conversation, tokenizer, template, cutoff_len):
 
     The prompt (system, earlier turns, last user message) keeps its start, the responses theirs.
     """
-    prompt_ids = _prompt_ids(template, tokenizer, conversation["system"], conversation["turns"], conversation["prompt"])
-    responses = {role: _response_ids(template, tokenizer, conversation[role]) for role in ("chosen", "rejected")}
-    keep_prompt, keep_response = budget(len(prompt_ids), max(map(len, responses.values())), cutoff_len)
+    prompt_ids, responses = _prompt_and_responses(template, tokenizer, conversation["system"], conversation["turns"],
+                                                  conversation["prompt"],
+                                                  [conversation["chosen"], conversation["rejected"]])
+    keep_prompt, keep_response = budget(len(prompt_ids), max(map(len, responses)), cutoff_len)
     out = {}
-    for role, ids in responses.items():
+    for role, ids in zip(("chosen", "rejected"), responses):
         out[f"{role}_input_ids"] = prompt_ids[:keep_prompt] + ids[:keep_response]
         out[f"{role}_labels"] = [IGNORE_INDEX] * keep_prompt + ids[:keep_response]
     return out
@@ -676,8 +768,8 @@ def tokenize_prompt(conversation, tokenizer, template, cutoff_len):
         turns, prompt, response = conversation["turns"], conversation["prompt"], conversation["chosen"]
     else:
         turns, (prompt, response) = conversation["turns"][:-1], conversation["turns"][-1]
-    prompt_ids = _prompt_ids(template, tokenizer, conversation["system"], turns, prompt)
-    label_ids = _response_ids(template, tokenizer, response)
+    prompt_ids, (label_ids,) = _prompt_and_responses(template, tokenizer, conversation["system"], turns, prompt,
+                                                     [response])
     keep_prompt, keep_label = budget(len(prompt_ids), len(label_ids), cutoff_len)
     return {"prompt_ids": prompt_ids[:keep_prompt], "label_ids": label_ids[:keep_label]}
 

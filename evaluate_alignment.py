@@ -67,7 +67,10 @@ def build_parser():
                                                          "merged into it for evaluation as LLaMA-Factory does")
     flag(g, "--base_model", default=None, help="the pre-alignment model: evaluated on the same rows; the report "
                                                "shows every model's difference to it")
-    flag(g, "--template", default=None, help=f"chat template ({', '.join(TEMPLATES)}); default: the tokenizer's own")
+    flag(g, "--template", default=None, help=f"one of LLaMA-Factory 0.9.5's {len(TEMPLATES)} chat templates (README: "
+                                             "Data); default: the tokenizer's own")
+    flag(g, "--enable_thinking", bool, default=True,
+         help="reasoning templates: False ends the prompt with the empty reasoning block (as the model was trained)")
     flag(g, "--flash_attn", default="auto", choices=["auto", "disabled", "sdpa", "fa2"],
          help="attention kernel: auto (transformers' default), disabled (eager), sdpa, fa2 (flash_attention_2)")
     flag(g, "--trust_remote_code", bool, default=False, help="allow model/tokenizer code from the hub")
@@ -94,7 +97,8 @@ def build_parser():
     flag(g, "--top_k", NON_NEGATIVE_INT, default=50, help="sample among the k most likely tokens (0: all)")
     flag(g, "--repetition_penalty", POSITIVE_FLOAT, default=1.0, help="1.0: no penalty")
     flag(g, "--per_device_eval_batch_size", POSITIVE_INT, default=8, help="rows per batch per process")
-    parser.set_defaults(gradient_checkpointing=False)  # read by train_utils.load_model
+    parser.set_defaults(gradient_checkpointing=False, resize_vocab=False)  # read by train_utils.load_model and
+    # load_tokenizer: a trained model's saved tokenizer already has its template's tokens
     return parser
 
 
@@ -179,7 +183,7 @@ def load_eval_model(path, adapter, args, device):
 
 def load_rows(datasets, args, tokenizer, log):
     """Every dataset's rows: prompt and label (generation) and input ids and labels (teacher forcing), in order."""
-    template = get_template(tokenizer, args.template)
+    template = get_template(tokenizer, args.template, args.enable_thinking)
     rows = []
     for dataset in datasets:
         name = dataset["name"]
@@ -206,7 +210,7 @@ def evaluate(model, tokenizer, rows, args, accelerator, label):
     from tqdm.auto import tqdm
 
     stop_ids = {tokenizer.eos_token_id} | set(tokenizer.convert_tokens_to_ids(list(
-        get_template(tokenizer, args.template).stop_words)))
+        get_template(tokenizer, args.template, args.enable_thinking).stop_words)))
     generation = eval_utils.generation_kwargs(args)
     world, rank, size = accelerator.num_processes, accelerator.process_index, args.per_device_eval_batch_size
     my_batches = len(range(rank, math.ceil(len(rows) / size), world))  # shard_batches: batch b on rank b % world

@@ -138,6 +138,9 @@ def main():
     args = check_args(args, "dpo_pg")
     if args.dpo_label_smoothing and args.pref_loss != "sigmoid":
         raise UserError("--dpo_label_smoothing applies to --pref_loss sigmoid only")
+    # before the accelerator (and DeepSpeed) start: an unknown template or a token it needs that the tokenizer lacks
+    # stops here. Resuming: the saved tokenizer
+    tokenizer = load_tokenizer(args.resume_from_checkpoint or args.model_name_or_path, args)
     accelerator = make_accelerator(args)
     guard = StepGuard(accelerator, args)  # SIGTERM or Ctrl-C now stop the run after a step, with a checkpoint
     set_seed(args.seed)
@@ -147,7 +150,6 @@ def main():
     average = args.pref_loss == "ipo"
 
     # ---- data -------------------------------------------------------------------------------------------------
-    tokenizer = load_tokenizer(args.resume_from_checkpoint or args.model_name_or_path, args)  # resuming: the saved one
     pad, padding_free = tokenizer.pad_token_id, args.padding_free
     length = padded_length if args.length_aware_micro_batches else None  # None: micro-batches in sampled order
     fingerprints = {}  # dataset -> fingerprint of its tokenized examples: a resumed run must find the same data
@@ -184,7 +186,7 @@ def main():
         check_data_unchanged(args.resume_from_checkpoint, fingerprints, log)
 
     # ---- policy, reference model, optimizer, schedule, projection ---------------------------------------------
-    model = load_policy(args)  # full: every weight trains; lora: adapters on the frozen model
+    model = load_policy(args, len(tokenizer))  # full: every weight trains; lora: adapters on the frozen model
     optimizer = build_optimizer(model, args)
     model, optimizer = accelerator.prepare(model, optimizer)
     backend = make_backend(accelerator, model, optimizer)
@@ -211,7 +213,7 @@ def main():
             ref_model = AdapterDisabled(model, accelerator)
         else:
             ref_model = prepare_reference_model(accelerator, load_model(args.ref_model or args.model_name_or_path,
-                                                                        args))
+                                                                        args, vocab_size=len(tokenizer)))
             if padding_free:
                 check_padding_free(ref_model, accelerator, "reference model")
         if args.precompute_ref_log_probs:

@@ -43,6 +43,9 @@ def main():
     args = build_parser(__doc__, "sft_pg", default_lr=1e-5).parse_args()
     hold_output_dir(args.output_dir)  # one run per output folder, before anything in it is read
     args = check_args(args, "sft_pg")
+    # before the accelerator (and DeepSpeed) start: an unknown template or a token it needs that the tokenizer lacks
+    # stops here. Resuming: the saved tokenizer
+    tokenizer = load_tokenizer(args.resume_from_checkpoint or args.model_name_or_path, args)
     accelerator = make_accelerator(args)
     guard = StepGuard(accelerator, args)  # SIGTERM or Ctrl-C now stop the run after a step, with a checkpoint
     set_seed(args.seed)
@@ -51,7 +54,6 @@ def main():
     world, rank = accelerator.num_processes, accelerator.process_index
 
     # ---- data -------------------------------------------------------------------------------------------------
-    tokenizer = load_tokenizer(args.resume_from_checkpoint or args.model_name_or_path, args)  # resuming: the saved one
     pad, padding_free = tokenizer.pad_token_id, args.padding_free
     length = padded_length if args.length_aware_micro_batches else None  # None: micro-batches in sampled order
     fingerprints = {}  # dataset -> fingerprint of its tokenized examples: a resumed run must find the same data
@@ -72,7 +74,7 @@ def main():
                                     length)
 
     # ---- model, optimizer, schedule, projection ---------------------------------------------------------------
-    model = load_policy(args)  # full: every weight trains; lora: adapters on the frozen model
+    model = load_policy(args, len(tokenizer))  # full: every weight trains; lora: adapters on the frozen model
     optimizer = build_optimizer(model, args)
     model, optimizer = accelerator.prepare(model, optimizer)
     backend = make_backend(accelerator, model, optimizer)

@@ -238,24 +238,51 @@ def from_pretrained(load, path, what, args, **kwargs):
                         f"({first_line(err)})") from None
 
 
-def load_model(path, args, dtype=torch.float32):
+def resize_embeddings(model, vocab_size, seed):
+    """Grow the embeddings (and an untied output layer) to `vocab_size` rows, padded to a multiple of 64, as
+    LLaMA-Factory's --resize_vocab does: each new row is the mean of the old rows plus Gaussian noise of standard
+    deviation 1/sqrt(hidden size), drawn from `seed` (the policy and the DPO reference get the same rows)."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():  # the weights are already partitioned across ranks
+        raise UserError("--resize_vocab under ZeRO-3 is not supported: use ZeRO-2, or a template whose tokens the "
+                        "tokenizer has")
+    old_size = model.get_input_embeddings().weight.size(0)
+    model.resize_token_embeddings(vocab_size, pad_to_multiple_of=64, mean_resizing=False)
+    new_size = model.get_input_embeddings().weight.size(0)
+    weights = [model.get_input_embeddings().weight]
+    if not model.config.tie_word_embeddings:
+        weights.append(model.get_output_embeddings().weight)
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for weight in weights:
+            noise = torch.randn(new_size - old_size, weight.size(1), dtype=torch.float32) / math.sqrt(weight.size(1))
+            weight[old_size:] = (weight[:old_size].float().mean(dim=0, keepdim=True) + noise).to(weight.dtype)
+    model.config.vocab_size = new_size
+
+
+def load_model(path, args, dtype=torch.float32, vocab_size=None):
+    """The causal LM at `path`; with --resize_vocab, its embeddings grown to `vocab_size` (the tokenizer's length)."""
     from transformers import AutoModelForCausalLM
 
     attention = {"auto": None, "disabled": "eager", "sdpa": "sdpa", "fa2": "flash_attention_2"}[args.flash_attn]
     model = from_pretrained(AutoModelForCausalLM.from_pretrained, path, "model", args, dtype=dtype,
                             attn_implementation=attention, trust_remote_code=args.trust_remote_code)
     check_fsdp_wrap_classes(model)  # before Accelerate shards it
+    if vocab_size and args.resize_vocab and vocab_size > model.get_input_embeddings().weight.size(0):
+        resize_embeddings(model, vocab_size, args.seed)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model
 
 
-def load_policy(args):
+def load_policy(args, vocab_size):
     """The model to train. full: --model_name_or_path, or the checkpoint's weights when resuming. lora: the frozen
-    --model_name_or_path with a new adapter, or --adapter_name_or_path's, or the checkpoint's when resuming."""
+    --model_name_or_path with a new adapter, or --adapter_name_or_path's, or the checkpoint's when resuming.
+    `vocab_size`: the tokenizer's length, which --resize_vocab grows the embeddings to."""
     if args.finetuning_type == "full":
-        return load_model(args.resume_from_checkpoint or args.model_name_or_path, args)
+        return load_model(args.resume_from_checkpoint or args.model_name_or_path, args, vocab_size=vocab_size)
     from peft import LoraConfig, PeftModel, get_peft_model
 
     model = load_model(args.model_name_or_path, args)
@@ -311,8 +338,8 @@ def load_tokenizer(path, args):
     tokenizer = from_pretrained(AutoTokenizer.from_pretrained, path, "tokenizer", args,
                                 trust_remote_code=args.trust_remote_code)
     try:
-        apply_template(tokenizer, args.template)
-    except ValueError as err:  # an unknown --template, or a tokenizer without a chat template
+        apply_template(tokenizer, args.template, resize_vocab=args.resize_vocab, enable_thinking=args.enable_thinking)
+    except ValueError as err:  # an unknown --template, a token the tokenizer lacks, or no chat template
         raise UserError(str(err)) from None
     return tokenizer
 

@@ -49,7 +49,7 @@ def test_multi_turn_trains_every_assistant_turn(tokenizer):
 @pytest.mark.parametrize("name", list(TEMPLATES))
 def test_builtin_templates_train_responses_only_and_save_a_matching_chat_template(tokenizer, name):
     tok = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
-    template = data_utils.apply_template(tok, name, log=lambda *_: None)
+    template = data_utils.apply_template(tok, name, log=lambda *_: None, resize_vocab=True)
     conversation = {"system": "S", "turns": [("q1", "a1"), ("q2", "a2")]}
     example = data_utils.tokenize_sft(conversation, tok, template, 512)
     response = response_text(tok, example)
@@ -57,12 +57,13 @@ def test_builtin_templates_train_responses_only_and_save_a_matching_chat_templat
     messages = [{"role": "system", "content": "S"}] + [{"role": role, "content": text} for turn in
                                                        conversation["turns"] for role, text in zip(("user",
                                                                                                     "assistant"), turn)]
-    assert tok.apply_chat_template(messages, tokenize=False) == tok.decode(example["input_ids"])
+    ids = example["input_ids"][:-1] if template.efficient_eos else example["input_ids"]  # one eos ends the sequence
+    assert tok.apply_chat_template(messages, tokenize=False) == tok.decode(ids)
 
 
 def test_llama3_uses_the_tokenizers_bos_and_eot_as_eos(tokenizer):
     tok = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)  # the tiny tokenizer has no bos token
-    template = data_utils.apply_template(tok, "llama3", log=lambda *_: None)
+    template = data_utils.apply_template(tok, "llama3", log=lambda *_: None, resize_vocab=True)
     example = data_utils.tokenize_sft({"system": None, "turns": [("q", "a")]}, tok, template, 512)
     assert tok.eos_token == "<|eot_id|>" and "<|begin_of_text|>" not in tok.decode(example["input_ids"])
     assert example["input_ids"][-1] == tok.convert_tokens_to_ids("<|eot_id|>")
@@ -296,8 +297,17 @@ def test_sft_data_where_pairs_are_needed_and_back(tmp_path):
 
 
 def test_unsupported_dataset_info_keys(tmp_path):
-    write_dataset(tmp_path, [{"instruction": "q", "output": "a"}], {"ms_hub_url": "x"})
-    with pytest.raises(DataError, match=r"dataset 'set': unsupported keys \['ms_hub_url'\]"):
+    write_dataset(tmp_path, [{"instruction": "q", "output": "a"}], {"cloud_file_name": "x"})
+    with pytest.raises(DataError, match=r"dataset 'set': unsupported keys \['cloud_file_name'\]"):
+        data_utils.load_conversations("set", tmp_path, ranking=False)
+
+
+def test_modelscope_entries_resolve_as_llamafactory_with_its_hubs_off(tmp_path):
+    """hf_hub_url wins over ms_hub_url; without it LLaMA-Factory reads ModelScope even beside a file_name: refused."""
+    write_dataset(tmp_path, [{"instruction": "q", "output": "a"}], {"ms_hub_url": "org/x", "hf_hub_url": "org/y"})
+    assert data_utils.resolve_dataset("set", tmp_path).source == "org/y"
+    write_dataset(tmp_path, [{"instruction": "q", "output": "a"}], {"ms_hub_url": "org/x"})
+    with pytest.raises(DataError, match=r"dataset 'set': only on ModelScope \(ms_hub_url 'org/x'\)"):
         data_utils.load_conversations("set", tmp_path, ranking=False)
 
 

@@ -24,7 +24,7 @@ GOLDEN = json.loads((PARITY / "golden.json").read_text())
 @lru_cache(maxsize=None)
 def tokenizer_and_template(tokenizer, template):
     tok = AutoTokenizer.from_pretrained(PARITY / "tokenizers" / tokenizer)
-    return tok, data_utils.apply_template(tok, template, log=lambda *_: None)
+    return tok, data_utils.apply_template(tok, template, log=lambda *_: None, resize_vocab=True)
 
 
 def digest(ids_and_labels):
