@@ -793,15 +793,16 @@ def load_tokenized(names, args, tokenizer, ranking, log=print, fingerprints=None
         key = f"{'pairs' if ranking else 'sft'}:{','.join(names)}:{position}"  # num_samples draws follow the order
         cached = cache.read(key) if cache is not None else None
         if cached is not None:
-            kept, line = cached
+            kept, line, digest = cached
             log(f"{line} [read from --tokenized_path {cache.path}]")
         else:
             kept, line = _tokenize_one(name, args, tokenizer, template, ranking, rng)
+            digest = fingerprint(kept)
             log(line)
             if cache is not None:
-                cache.add(key, kept, line)
+                cache.add(key, kept, line, digest)
         if fingerprints is not None:
-            fingerprints[name] = fingerprint(kept)
+            fingerprints[name] = digest
         examples += kept
     return examples
 
@@ -919,7 +920,7 @@ class TokenizedCache:
         return cls(path, description, {}, building=True)
 
     def read(self, key):
-        """(examples, log line) of dataset `key`, or None when this cache is being built."""
+        """(examples, log line, fingerprint) of dataset `key`, or None when this cache is being built."""
         if self.building:
             return None
         entry = self.entries.get(key)
@@ -934,13 +935,14 @@ class TokenizedCache:
         except (OSError, ValueError, pyarrow.ArrowException) as err:
             raise DataError(f"--tokenized_path {self.path} is damaged ({entry['folder']}: {first_line(err)}); pass "
                             "--overwrite_cache True to tokenize again and replace it") from None
-        if len(examples) != entry["samples"] or fingerprint(examples) != entry["fingerprint"]:
+        digest = fingerprint(examples)
+        if len(examples) != entry["samples"] or digest != entry["fingerprint"]:
             raise DataError(f"--tokenized_path {self.path} is damaged ({entry['folder']} does not hold the examples "
                             "it was written with); pass --overwrite_cache True to tokenize again and replace it")
-        return examples, entry["log"]
+        return examples, entry["log"], digest
 
-    def add(self, key, examples, line):
-        """Write dataset `key`'s examples into the cache being built."""
+    def add(self, key, examples, line, digest):
+        """Write dataset `key`'s examples (whose `fingerprint` is `digest`) into the cache being built."""
         import datasets
 
         folder = f"{len(self.entries):02d}-{re.sub(r'[^A-Za-z0-9_.-]', '_', key)[:80]}"
@@ -951,8 +953,7 @@ class TokenizedCache:
         finally:
             if bars:
                 datasets.enable_progress_bars()
-        self.entries[key] = {"folder": folder, "samples": len(examples), "fingerprint": fingerprint(examples),
-                             "log": line}
+        self.entries[key] = {"folder": folder, "samples": len(examples), "fingerprint": digest, "log": line}
 
     def commit(self):
         """Move a newly built cache into place whole, replacing the old one."""
@@ -980,7 +981,7 @@ def tokenized_once(accelerator, args, tokenizer, log=print):
     instead of tokenising again. Without --tokenized_path and with several processes the result goes through a
     temporary folder in OUTPUT_DIR, removed once every process has read it; one process alone keeps nothing."""
     temporary = args.tokenized_path is None and accelerator.num_processes > 1
-    path = Path(args.output_dir, ".tokenized-for-other-ranks") if temporary else args.tokenized_path
+    path = Path(args.output_dir, "tokenized-for-other-ranks") if temporary else args.tokenized_path
     with main_process_first(accelerator):  # a data error on the main process stops every process with it
         cache = None
         if path is not None:
