@@ -896,8 +896,10 @@ class TokenizedCache:
         path = Path(path)
         index = path / CACHE_INDEX
         if path.exists() and not index.is_file() and any(path.iterdir()):
-            raise DataError(f"--tokenized_path {path} is a folder that holds no tokenized datasets ({CACHE_INDEX} is "
-                            "missing): name a new or empty folder")
+            written_by = (", it looks like LLaMA-Factory's, which does not record what it was built from" if
+                          (path / "dataset_dict.json").is_file() else "")
+            raise DataError(f"--tokenized_path {path} is a folder that holds no tokenized datasets of these scripts "
+                            f"({CACHE_INDEX} is missing{written_by}): name a new or empty folder")
         if index.is_file() and not (rebuild and may_build):
             try:
                 saved = json.loads(index.read_text())

@@ -114,6 +114,10 @@ def test_a_damaged_tokenized_path_or_a_folder_that_is_not_one_is_a_one_line_erro
     with pytest.raises(DataError, match="holds no tokenized datasets .* name a new or empty folder"):
         load(data_args(tmp_path, tokenized_path=str(ROOT / "data"), overwrite_cache=True), tokenizer)
     assert (ROOT / "data" / "dataset_info.json").is_file()  # left alone
+    (tmp_path / "from_llamafactory").mkdir()
+    (tmp_path / "from_llamafactory" / "dataset_dict.json").write_text('{"splits": ["train"]}')
+    with pytest.raises(DataError, match="it looks like LLaMA-Factory's, which does not record what it was built from"):
+        load(data_args(tmp_path, tokenized_path=str(tmp_path / "from_llamafactory")), tokenizer)
 
 
 def test_preprocessing_batch_size_is_the_rows_per_worker_batch(tokenizer, monkeypatch):
