@@ -40,6 +40,30 @@ def test_micro_batches_from_worker_processes_are_the_in_process_ones_from_any_st
                        for (_, batch), (_, other) in zip(expected, actual))
 
 
+def test_data_workers_ignore_ctrl_c_and_sigterm_and_leave_them_to_the_main_process():
+    """A terminal's Ctrl-C, or a scheduler's SIGTERM, reaches every process of the group: the workers go on building
+    micro-batches (the main process stops after the step, run_guard) instead of dying, which would fail the run."""
+    import multiprocessing
+    import os
+    import signal
+    import time
+
+    examples = [{"input_ids": [1, 2, 3][:n], "labels": [1, 2, 3][:n]} for n in (1, 2, 3) * 8]
+    sampler = StepSampler(len(examples), 2, 1, 0, 2, seed=3)
+    collate = partial(data_utils.collate_sft, pad_token_id=0)
+    before = {child.pid for child in multiprocessing.active_children()}
+    batches = step_micro_batches(sampler, examples, collate, 0, 20, num_workers=2)
+    first = next(batches)
+    workers = [child for child in multiprocessing.active_children() if child.pid not in before]
+    assert len(workers) == 2
+    for worker in workers:
+        os.kill(worker.pid, signal.SIGINT)
+        os.kill(worker.pid, signal.SIGTERM)
+    time.sleep(0.5)  # a worker that took the signal would be gone by now
+    rest = list(batches)
+    assert [[i for i, _ in step] for step in [first, *rest]] == [sampler.micro_batches(s) for s in range(20)]
+
+
 def data_args(tmp_path, **overrides):
     """load_tokenized's flags, on a copy of a demo dataset (which the tests edit)."""
     if not (tmp_path / "safety.json").exists():
