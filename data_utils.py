@@ -854,16 +854,18 @@ def tokenizer_digest(tokenizer):
 
 
 def cache_description(args, tokenizer):
-    """What a run's tokenized datasets are built from: the data flags, the training and reference datasets, each
-    data file's SHA-256 (hub datasets: their id), dataset_info.json's, and the tokenizer's (`tokenizer_digest`)."""
+    """What a run's tokenized datasets are built from: the data flags (the seed only where a dataset draws rows
+    with "num_samples"), the training and reference datasets, each data file's SHA-256 (hub datasets: their id),
+    dataset_info.json's, and the tokenizer's (`tokenizer_digest`)."""
     training = [n.strip() for n in args.dataset.split(",")]
     reference = [n.strip() for n in args.base_dataset.split(",")] if args.base_method != "none" else []
-    files = {}
+    files, sampled = {}, False
     info = Path(args.dataset_dir) / "dataset_info.json"
     if info.is_file():
         files[str(info)] = _file_digest(info)
     for name in training + reference:
         spec = resolve_dataset(name, args.dataset_dir)
+        sampled = sampled or spec.num_samples is not None
         if spec.from_hub:
             files[spec.source] = f"hub dataset (subset {spec.subset}, split {spec.split}, folder {spec.folder})"
         else:
@@ -871,8 +873,8 @@ def cache_description(args, tokenizer):
     return {"stage": args.stage.removesuffix("_pg"), "dataset": ",".join(training),
             "base_dataset": ",".join(reference) or None, "dataset_dir": str(args.dataset_dir),
             "template": args.template, "cutoff_len": args.cutoff_len, "max_samples": args.max_samples,
-            "seed": args.seed, "strict_data": args.strict_data, "tokenizer": tokenizer_digest(tokenizer),
-            "data files": files}
+            "seed": args.seed if sampled else None, "strict_data": args.strict_data,
+            "tokenizer": tokenizer_digest(tokenizer), "data files": files}
 
 
 class TokenizedCache:

@@ -94,6 +94,7 @@ def test_tokenized_path_is_written_once_read_back_equal_and_rebuilt_on_request(t
     assert read == built == fresh and read_fingerprints == built_fingerprints == fresh_fingerprints  # resume's check
     assert lines == [f"dataset {args.dataset} ({args.dataset}): 24 samples [read from --tokenized_path "
                      f"{args.tokenized_path}]"]
+    assert "read from" in load(data_args(tmp_path, seed=7), tokenizer)[2][0]  # no num_samples: the seed draws nothing
     # --overwrite_cache True tokenizes again (here from an edited file) and replaces the cache
     rows = json.loads(Path(args.dataset).read_text())
     Path(args.dataset).write_text(json.dumps(rows[1:]))
