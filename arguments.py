@@ -148,12 +148,14 @@ def build_parser(description, stage, default_lr):
     flag(g, "--preprocessing_num_workers", POSITIVE_INT, default=None,
          help="processes for tokenisation (large sets only)")
     flag(g, "--preprocessing_batch_size", POSITIVE_INT, default=1000,
-         help="rows per tokenisation batch (LLaMA-Factory's; not supported yet: leave at its default)")
+         help="rows per tokenisation batch in each --preprocessing_num_workers process (the result is the same)")
     flag(g, "--tokenized_path", default=None,
-         help="folder to keep the tokenized datasets in (not supported yet: leave unset)")
-    flag(g, "--overwrite_cache", bool, default=False, help="tokenize again instead of reading --tokenized_path")
+         help="folder that keeps the tokenized datasets: written by the first run (main process), read by later runs "
+              "with the same data flags, files and tokenizer (another build is refused by name)")
+    flag(g, "--overwrite_cache", bool, default=False, help="tokenize again and replace --tokenized_path")
     flag(g, "--dataloader_num_workers", NON_NEGATIVE_INT, default=0,
-         help="worker processes that build micro-batches ahead of the step (not supported yet: leave at 0)")
+         help="worker processes that build micro-batches ahead of the step (the same batches; 0: in the main "
+              "process)")
     flag(g, "--strict_data", bool, default=False, help="stop at the first bad row (naming file, row and field) "
                                                        "instead of dropping the rows LLaMA-Factory drops (logged)")
     flag(g, "--enable_thinking", bool, default=True,
@@ -352,7 +354,7 @@ def check_scheduler_kwargs(args):
 
 
 # LLaMA-Factory keys that are parsed but whose behaviour is not built yet: refused unless at LLaMA-Factory's default.
-NOT_YET_SUPPORTED = {"preprocessing_batch_size": 1000, "tokenized_path": None, "dataloader_num_workers": 0}
+NOT_YET_SUPPORTED = {}
 
 LORA_DEFAULTS = {"lora_rank": 8, "lora_dropout": 0.0, "lora_target": "all", "use_rslora": False}  # LLaMA-Factory's
 

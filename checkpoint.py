@@ -26,7 +26,7 @@ from run_guard import LOCK_FILE, UserError, is_main_rank
 RESUME_MAY_CHANGE = {
     "export_merged",  # what is written at the end
     "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "ddp_timeout", "preprocessing_num_workers",
-    "preprocessing_batch_size", "tokenized_path", "overwrite_cache", "dataloader_num_workers",  # the same examples
+    "preprocessing_batch_size", "tokenized_path", "overwrite_cache", "dataloader_num_workers",  # the same batches
     "trust_remote_code", "gradient_checkpointing",  # recomputing activations gives the same values
     "save_strategy", "save_steps", "save_total_limit", "save_only_model", "logging_steps", "report_to", "plot_loss",
     "include_num_input_tokens_seen",

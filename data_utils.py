@@ -30,11 +30,17 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import re
+import shutil
+import signal
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+
+from run_guard import first_line, main_process_first
 
 IGNORE_INDEX = -100
 
@@ -808,8 +814,10 @@ def load_conversations(name, dataset_dir, ranking, max_samples=None, strict=Fals
     return (spec, *to_conversations(spec, rows, origins, ranking, strict))
 
 
-def tokenize_dataset(conversations, tokenizer, template, cutoff_len, ranking, num_workers=1, desc="tokenizing"):
-    """Tokenise conversations (in `num_workers` processes when there are many).
+def tokenize_dataset(conversations, tokenizer, template, cutoff_len, ranking, num_workers=1, desc="tokenizing",
+                     batch_size=1000):
+    """Tokenise conversations (in `num_workers` processes when there are many, `batch_size` rows at a time, as
+    LLaMA-Factory's --preprocessing_batch_size; the examples do not depend on either).
 
     SFT examples hold input_ids, labels, num_targets; pair examples hold chosen_/rejected_ input_ids and labels,
     num_targets (of the chosen response) and num_targets_rejected. Returns (examples, how many have a response cut
@@ -826,11 +834,16 @@ def tokenize_dataset(conversations, tokenizer, template, cutoff_len, ranking, nu
         example["num_targets"] = num_targets(example["chosen_labels" if ranking else "labels"])
         return example
 
+    def encode_batch(columns):
+        encoded = [encode(dict(zip(columns, row))) for row in zip(*columns.values())]
+        return {key: [example[key] for example in encoded] for key in encoded[0]}
+
     # Worker processes only pay off for large sets: at least ~1000 rows each.
     workers = max(1, min(num_workers or 1, len(conversations) // 1000))
     if workers > 1:
         table = datasets.Dataset.from_list(conversations)
-        examples = list(table.map(encode, num_proc=workers, remove_columns=table.column_names, desc=desc))
+        examples = table.map(encode_batch, batched=True, batch_size=batch_size, num_proc=workers,
+                             remove_columns=table.column_names, desc=desc).to_list()
     else:
         examples = [encode(c) for c in conversations]
     labels = ("chosen_labels", "rejected_labels") if ranking else ("labels",)
@@ -865,14 +878,15 @@ def check_trainable(name, spec, examples, ranking, cutoff_len):
     raise DataError(f"dataset '{name}' ({spec.source}) has no trainable token: {why}")
 
 
-def load_tokenized(names, args, tokenizer, ranking, log=print, fingerprints=None):
+def load_tokenized(names, args, tokenizer, ranking, log=print, fingerprints=None, cache=None):
     """Load, check, tokenise and concatenate the datasets in `names` (a comma-separated string or a list).
 
-    Uses args.dataset_dir, max_samples, cutoff_len, preprocessing_num_workers, template, strict_data and seed (the
-    seed of "num_samples": one numpy RandomState for the datasets in `names`, in order, as LLaMA-Factory's global
-    numpy state after set_seed). Logs one line per dataset: samples, dropped and adjusted rows, cut-away responses.
-    Refuses a dataset with no sample left or no token to learn. `fingerprints`, a dict, gets each dataset's
-    `fingerprint` under its name (what a resumed run must find unchanged).
+    Uses args.dataset_dir, max_samples, cutoff_len, preprocessing_num_workers, preprocessing_batch_size, template,
+    strict_data and seed (the seed of "num_samples": one numpy RandomState for the datasets in `names`, in order, as
+    LLaMA-Factory's global numpy state after set_seed). Logs one line per dataset: samples, dropped and adjusted
+    rows, cut-away responses. Refuses a dataset with no sample left or no token to learn. `fingerprints`, a dict,
+    gets each dataset's `fingerprint` under its name (what a resumed run must find unchanged). With a
+    `TokenizedCache`, each dataset is read from it when it holds it, else tokenised and added to it.
     """
     import numpy as np
 
@@ -880,26 +894,223 @@ def load_tokenized(names, args, tokenizer, ranking, log=print, fingerprints=None
     template = get_template(tokenizer, args.template)
     rng = np.random.RandomState(args.seed)
     examples = []
-    for name in names:
-        spec, conversations, notes = load_conversations(name, args.dataset_dir, ranking, args.max_samples,
-                                                        args.strict_data, rng)
-        kept, cut_away = tokenize_dataset(conversations, tokenizer, template, args.cutoff_len, ranking,
-                                          args.preprocessing_num_workers, desc=f"tokenizing {name}")
-        single_file = len({f for origins in notes.values() for f, _ in origins}) <= 1
-        parts = [f"{len(origins)} {reason} ({_rows_text(origins, single_file)})" for reason, origins in notes.items()]
-        if cut_away:
-            parts.append(f"{cut_away} with a response cut away entirely by --cutoff_len {args.cutoff_len} (kept, "
-                         "every label masked)")
-        note = "; " + "; ".join(parts) + (" (as LLaMA-Factory; --strict_data True stops at the first bad row)"
-                                          if notes else "") if parts else ""
-        log(f"dataset {name} ({spec.source}): {len(kept)} samples{note}")
-        if not kept:
-            raise DataError(f"dataset '{name}' ({spec.source}): no samples left{note}")
-        check_trainable(name, spec, kept, ranking, args.cutoff_len)
+    for position, name in enumerate(names):
+        key = f"{'pairs' if ranking else 'sft'}:{','.join(names)}:{position}"  # num_samples draws follow the order
+        cached = cache.read(key) if cache is not None else None
+        if cached is not None:
+            kept, line, digest = cached
+            log(f"{line} [read from --tokenized_path {cache.path}]")
+        else:
+            kept, line = _tokenize_one(name, args, tokenizer, template, ranking, rng)
+            digest = fingerprint(kept)
+            log(line)
+            if cache is not None:
+                cache.add(key, kept, line, digest)
         if fingerprints is not None:
-            fingerprints[name] = fingerprint(kept)
+            fingerprints[name] = digest
         examples += kept
     return examples
+
+
+def _tokenize_one(name, args, tokenizer, template, ranking, rng):
+    """One dataset of load_tokenized: its checked examples and its log line."""
+    spec, conversations, notes = load_conversations(name, args.dataset_dir, ranking, args.max_samples,
+                                                    args.strict_data, rng)
+    kept, cut_away = tokenize_dataset(conversations, tokenizer, template, args.cutoff_len, ranking,
+                                      args.preprocessing_num_workers, desc=f"tokenizing {name}",
+                                      batch_size=args.preprocessing_batch_size)
+    single_file = len({f for origins in notes.values() for f, _ in origins}) <= 1
+    parts = [f"{len(origins)} {reason} ({_rows_text(origins, single_file)})" for reason, origins in notes.items()]
+    if cut_away:
+        parts.append(f"{cut_away} with a response cut away entirely by --cutoff_len {args.cutoff_len} (kept, "
+                     "every label masked)")
+    note = "; " + "; ".join(parts) + (" (as LLaMA-Factory; --strict_data True stops at the first bad row)"
+                                      if notes else "") if parts else ""
+    if not kept:
+        raise DataError(f"dataset '{name}' ({spec.source}): no samples left{note}")
+    check_trainable(name, spec, kept, ranking, args.cutoff_len)
+    return kept, f"dataset {name} ({spec.source}): {len(kept)} samples{note}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenized datasets kept on disk (LLaMA-Factory's --tokenized_path / --overwrite_cache)
+# ---------------------------------------------------------------------------------------------------------------
+
+CACHE_FORMAT = 1
+CACHE_INDEX = "tokenized_cache.json"
+
+
+def _file_digest(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tokenizer_digest(tokenizer):
+    """SHA-256 of what tokenisation depends on in a tokenizer: its vocabulary, merges, normalisation and added
+    tokens (the fast tokenizer's JSON), its special tokens and its chat template."""
+    vocabulary = (tokenizer.backend_tokenizer.to_str() if getattr(tokenizer, "is_fast", False)
+                  else json.dumps(sorted(tokenizer.get_vocab().items())))
+    rest = json.dumps([tokenizer.special_tokens_map, getattr(tokenizer, "chat_template", None)], sort_keys=True,
+                      default=str)
+    return hashlib.sha256((vocabulary + rest).encode()).hexdigest()
+
+
+def cache_description(args, tokenizer):
+    """What a run's tokenized datasets are built from: the data flags (the seed only where a dataset draws rows
+    with "num_samples"), the training and reference datasets, each data file's SHA-256 (hub datasets: their id),
+    dataset_info.json's, and the tokenizer's (`tokenizer_digest`)."""
+    training = [n.strip() for n in args.dataset.split(",")]
+    reference = [n.strip() for n in args.base_dataset.split(",")] if args.base_method != "none" else []
+    files, sampled = {}, False
+    info = Path(args.dataset_dir) / "dataset_info.json"
+    if info.is_file():
+        files[str(info)] = _file_digest(info)
+    for name in training + reference:
+        spec = resolve_dataset(name, args.dataset_dir)
+        sampled = sampled or spec.num_samples is not None
+        if spec.from_hub:
+            files[spec.source] = f"hub dataset (subset {spec.subset}, split {spec.split}, folder {spec.folder})"
+        else:
+            files.update({path: _file_digest(path) for path in _data_files(spec)[0]})
+    return {"stage": args.stage.removesuffix("_pg"), "dataset": ",".join(training),
+            "base_dataset": ",".join(reference) or None, "dataset_dir": str(args.dataset_dir),
+            "template": args.template, "cutoff_len": args.cutoff_len, "max_samples": args.max_samples,
+            "seed": args.seed if sampled else None, "strict_data": args.strict_data,
+            "tokenizer": tokenizer_digest(tokenizer), "data files": files}
+
+
+class TokenizedCache:
+    """Tokenized datasets in a folder: TOKENIZED_CACHE.json (what they were built from, and per dataset its log line,
+    sample count and fingerprint) and one Arrow folder per dataset (datasets' save_to_disk: no pickle).
+
+    `open` reads a cache that matches `description`, refuses one built from anything else (naming what differs),
+    or, on the main process, starts a new one (--overwrite_cache True always does): its datasets are written to
+    a temporary folder and moved into place whole by `commit`, so a run stopped while tokenizing leaves the old
+    cache (or none), never half of one.
+    """
+
+    def __init__(self, path, description, entries, building):
+        self.path, self.description, self.entries, self.building = Path(path), description, entries, building
+        self.staging = self.path.with_name(f".{self.path.name}.building-{os.getpid()}") if building else None
+
+    @classmethod
+    def open(cls, path, description, rebuild, may_build):
+        """The cache at `path` for a run described by `description` (`cache_description`). `rebuild`: start anew
+        even if one matches; `may_build`: this process may write one (the main process)."""
+        path = Path(path)
+        index = path / CACHE_INDEX
+        if path.exists() and not index.is_file() and any(path.iterdir()):
+            written_by = (", it looks like LLaMA-Factory's, which does not record what it was built from" if
+                          (path / "dataset_dict.json").is_file() else "")
+            raise DataError(f"--tokenized_path {path} is a folder that holds no tokenized datasets of these scripts "
+                            f"({CACHE_INDEX} is missing{written_by}): name a new or empty folder")
+        if index.is_file() and not (rebuild and may_build):
+            try:
+                saved = json.loads(index.read_text())
+                built_from, entries = saved["built_from"], saved["datasets"]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise DataError(f"--tokenized_path {path} is damaged ({CACHE_INDEX}: {err}); pass --overwrite_cache "
+                                "True to tokenize again and replace it") from None
+            differences = [f"{key} {built_from.get(key)!r} (now {value!r})" for key, value in description.items()
+                           if key != "data files" and built_from.get(key) != value]
+            old_files = built_from.get("data files", {})
+            differences += [f"data file {name} with SHA-256 {old_files.get(name, 'none')[:12]} (now {digest[:12]})"
+                            for name, digest in description["data files"].items() if old_files.get(name) != digest]
+            if differences:
+                raise DataError(f"--tokenized_path {path} was built from {'; '.join(differences)}; pass "
+                                "--overwrite_cache True to tokenize again and replace it, or name another folder")
+            return cls(path, description, entries, building=False)
+        if not may_build:
+            raise DataError(f"--tokenized_path {path}: the main process wrote no tokenized datasets there that this "
+                            "process can read; every process must see the same folder")
+        return cls(path, description, {}, building=True)
+
+    def read(self, key):
+        """(examples, log line, fingerprint) of dataset `key`, or None when this cache is being built."""
+        if self.building:
+            return None
+        entry = self.entries.get(key)
+        if entry is None:
+            raise DataError(f"--tokenized_path {self.path} is damaged (it holds no {key}); pass --overwrite_cache "
+                            "True to tokenize again and replace it")
+        import datasets
+        import pyarrow
+
+        try:
+            examples = datasets.load_from_disk(str(self.path / entry["folder"])).to_list()
+        except (OSError, ValueError, pyarrow.ArrowException) as err:
+            raise DataError(f"--tokenized_path {self.path} is damaged ({entry['folder']}: {first_line(err)}); pass "
+                            "--overwrite_cache True to tokenize again and replace it") from None
+        digest = fingerprint(examples)
+        if len(examples) != entry["samples"] or digest != entry["fingerprint"]:
+            raise DataError(f"--tokenized_path {self.path} is damaged ({entry['folder']} does not hold the examples "
+                            "it was written with); pass --overwrite_cache True to tokenize again and replace it")
+        return examples, entry["log"], digest
+
+    def add(self, key, examples, line, digest):
+        """Write dataset `key`'s examples (whose `fingerprint` is `digest`) into the cache being built."""
+        import datasets
+
+        folder = f"{len(self.entries):02d}-{re.sub(r'[^A-Za-z0-9_.-]', '_', key)[:80]}"
+        bars = datasets.utils.is_progress_bar_enabled()
+        datasets.disable_progress_bars()  # the run logs one line per dataset instead
+        try:
+            datasets.Dataset.from_list(examples).save_to_disk(str(self.staging / folder))
+        finally:
+            if bars:
+                datasets.enable_progress_bars()
+        self.entries[key] = {"folder": folder, "samples": len(examples), "fingerprint": digest, "log": line}
+
+    def commit(self):
+        """Move a newly built cache into place whole, replacing the old one."""
+        from checkpoint import write_json
+
+        self.staging.mkdir(parents=True, exist_ok=True)
+        write_json(self.staging / CACHE_INDEX, {"format": CACHE_FORMAT, "built_from": self.description,
+                                               "datasets": self.entries})
+        old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
+        if self.path.exists():
+            os.rename(self.path, old)
+        os.rename(self.staging, self.path)
+        shutil.rmtree(old, ignore_errors=True)
+        self.building = False
+
+    def discard(self):
+        if self.staging is not None:
+            shutil.rmtree(self.staging, ignore_errors=True)
+
+
+@contextmanager
+def tokenized_once(accelerator, args, tokenizer, log=print):
+    """The block that loads a run's datasets (load_tokenized with the `TokenizedCache` this yields, or None): the
+    main process tokenises them, or reads them from --tokenized_path, and the other processes read its result
+    instead of tokenising again. Without --tokenized_path and with several processes the result goes through a
+    temporary folder in OUTPUT_DIR, removed once every process has read it; one process alone keeps nothing."""
+    temporary = args.tokenized_path is None and accelerator.num_processes > 1
+    path = Path(args.output_dir, "tokenized-for-other-ranks") if temporary else args.tokenized_path
+    with main_process_first(accelerator):  # a data error on the main process stops every process with it
+        cache = None
+        if path is not None:
+            cache = TokenizedCache.open(path, cache_description(args, tokenizer),
+                                        rebuild=temporary or args.overwrite_cache,
+                                        may_build=accelerator.is_main_process)
+        try:
+            yield cache
+        except BaseException:
+            if cache is not None:
+                cache.discard()
+            raise
+        if cache is not None and cache.building:
+            cache.commit()
+            if not temporary:
+                log(f"tokenized datasets saved to --tokenized_path {path}; later runs read them from there")
+    if temporary:
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            shutil.rmtree(path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1087,3 +1298,39 @@ def describe_batching(sampler, examples, padding_free):
         return (f"length-aware micro-batches: padding {before} -> {padding_fraction(sampler, examples, steps):.0%} "
                 "of the positions in the first epoch")
     return f"micro-batches in sampled order: padding {before} of the positions in the first epoch"
+
+
+class _StepMicroBatches(torch.utils.data.Dataset):
+    """Item k: this rank's micro-batches of optimizer step first_step + k, as [(sample indices, collated batch)]."""
+
+    def __init__(self, sampler, examples, collate_fn, first_step, total_steps):
+        self.sampler, self.examples, self.collate_fn = sampler, examples, collate_fn
+        self.first_step, self.total_steps = first_step, total_steps
+
+    def __len__(self):
+        return self.total_steps - self.first_step
+
+    def __getitem__(self, k):
+        return [(indices, self.collate_fn([self.examples[i] for i in indices]))
+                for indices in self.sampler.micro_batches(self.first_step + k)]
+
+
+def _ignore_stop_signals(worker_id):
+    """A data worker leaves Ctrl-C and SIGTERM to the main process, which stops after the step (run_guard); the
+    worker ends with it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def step_micro_batches(sampler, examples, collate_fn, first_step, total_steps, num_workers=0):
+    """Yield, for each optimizer step from first_step to total_steps, this rank's micro-batches as a list of
+    (sample indices, batch from `collate_fn`): those of `sampler.micro_batches(step)`, so the same with any
+    number of workers. num_workers 0 builds them in this process when the step needs them; N > 0 builds them
+    ahead of the step in N worker processes (a DataLoader, steps in order), which hold only the examples.
+    `collate_fn` must be picklable (e.g. a functools.partial, not a lambda) when workers start by spawning."""
+    steps = _StepMicroBatches(sampler, examples, collate_fn, first_step, total_steps)
+    if num_workers == 0:
+        yield from (steps[k] for k in range(len(steps)))
+        return
+    yield from torch.utils.data.DataLoader(steps, batch_size=None, shuffle=False, num_workers=num_workers,
+                                           worker_init_fn=_ignore_stop_signals)

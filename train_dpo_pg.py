@@ -23,6 +23,7 @@ things go wrong".
 import stop_on_ctrl_c  # noqa: F401  first: Ctrl-C while the modules below import stops with one line
 
 import math
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -33,9 +34,9 @@ from arguments import NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, build_parser, check_ar
 from backends import make_backend, prepare_reference_model
 from checkpoint import Checkpointer, check_data_unchanged, is_save_step, prepare_output_dir, write_json
 from data_utils import (DataError, StepSampler, collate_pairs, collate_sft, describe_batching, is_ranking,
-                        load_tokenized, padded_length)
+                        load_tokenized, padded_length, step_micro_batches, tokenized_once)
 from ogpsa_core import ReferenceGradients, ReferenceSet
-from run_guard import StepGuard, UserError, hold_output_dir, main_process_first, run_main
+from run_guard import StepGuard, UserError, hold_output_dir, run_main
 from train_utils import (AdapterDisabled, MetricLog, build_optimizer, build_scheduler, check_padding_free,
                          check_reference_sets, end_run, input_tokens, load_model, load_policy, load_tokenizer,
                          make_accelerator, make_projector, make_update_projector, projection_scalars,
@@ -153,8 +154,10 @@ def main():
     pad, padding_free = tokenizer.pad_token_id, args.padding_free
     length = padded_length if args.length_aware_micro_batches else None  # None: micro-batches in sampled order
     fingerprints = {}  # dataset -> fingerprint of its tokenized examples: a resumed run must find the same data
-    with main_process_first(accelerator):  # a data error on the main process stops every process with it
-        examples = load_tokenized(args.dataset, args, tokenizer, ranking=True, log=log, fingerprints=fingerprints)
+    with tokenized_once(accelerator, args, tokenizer, log) as cache:  # the main process tokenizes, or reads
+        # --tokenized_path; the other processes read its result (a data error on it stops every process)
+        examples = load_tokenized(args.dataset, args, tokenizer, ranking=True, log=log, fingerprints=fingerprints,
+                                  cache=cache)
         reference_pairs = {}  # name -> pair examples whose reference log-probs the dpo base loss needs
         reference_sets = []
         for name in (args.base_dataset.split(",") if args.base_method != "none" else []):
@@ -162,11 +165,12 @@ def main():
                 if args.base_loss != "sft":
                     raise DataError(f"reference set '{name}' is not preference pairs: --base_loss {args.base_loss} "
                                     "needs pairs; pass --base_loss sft to take the gradient of an SFT reference set")
-                ref = load_tokenized(name, args, tokenizer, ranking=False, log=log, fingerprints=fingerprints)
+                ref = load_tokenized(name, args, tokenizer, ranking=False, log=log, fingerprints=fingerprints,
+                                     cache=cache)
                 reference_sets.append(ReferenceSet(name, ref, lambda b: collate_sft(b, pad, padding_free),
                                                    response_nll_sum, lambda e: e["num_targets"]))
                 continue
-            ref = load_tokenized(name, args, tokenizer, ranking=True, log=log, fingerprints=fingerprints)
+            ref = load_tokenized(name, args, tokenizer, ranking=True, log=log, fingerprints=fingerprints, cache=cache)
             if len(ref) < args.base_num_samples:
                 log(f"reference set {name} has {len(ref)} pairs (< --base_num_samples {args.base_num_samples}): "
                     "using all of them")
@@ -256,6 +260,9 @@ def main():
                                     length)
     metrics = MetricLog(accelerator, args, total_steps, step, extra)
     refresh_seconds = None
+    steps_micro_batches = step_micro_batches(sampler, examples, partial(collate_pairs, pad_token_id=pad,
+                                                                        padding_free=padding_free),
+                                             step, total_steps, args.dataloader_num_workers)  # in step order
     model.train()
     while step < total_steps:
         # ---- refresh the reference basis --------------------------------------------------------------------
@@ -264,10 +271,10 @@ def main():
             report_params_without_direction(projector, model, accelerator, step)
 
         # ---- forward and backward: the loss is the mean over the pairs of the global batch --------------------
-        micro_batches = sampler.micro_batches(step)
+        micro_batches = next(steps_micro_batches)  # [(sample indices, batch)]: sampler.micro_batches(step)
         loss_share = 0.0  # this rank's part of the step's loss (the sum over ranks is the loss)
-        for m, indices in enumerate(micro_batches):
-            batch = to_device(collate_pairs([examples[i] for i in indices], pad, padding_free), device)
+        for m, (indices, batch) in enumerate(micro_batches):
+            batch = to_device(batch, device)
             with backend.micro_batch(sync=m == len(micro_batches) - 1):
                 chosen, rejected, chosen_mean, logits = pair_logps(model, batch, average)  # logits: for extra terms
                 ref_chosen, ref_rejected = reference_for("train", examples, indices, batch)

@@ -23,6 +23,7 @@ things go wrong".
 
 import stop_on_ctrl_c  # noqa: F401  first: Ctrl-C while the modules below import stops with one line
 
+from functools import partial
 from pathlib import Path
 
 from accelerate.utils import set_seed
@@ -30,9 +31,10 @@ from accelerate.utils import set_seed
 from arguments import build_parser, check_args
 from backends import make_backend
 from checkpoint import Checkpointer, check_data_unchanged, is_save_step, prepare_output_dir, write_json
-from data_utils import StepSampler, collate_sft, describe_batching, load_tokenized, padded_length
+from data_utils import (StepSampler, collate_sft, describe_batching, load_tokenized, padded_length, step_micro_batches,
+                        tokenized_once)
 from ogpsa_core import ReferenceGradients, ReferenceSet
-from run_guard import StepGuard, hold_output_dir, main_process_first, run_main
+from run_guard import StepGuard, hold_output_dir, run_main
 from train_utils import (MetricLog, build_optimizer, build_scheduler, check_padding_free, check_reference_sets, end_run,
                          input_tokens, load_policy, load_tokenizer, make_accelerator, make_projector,
                          make_update_projector, projection_scalars, report_params_without_direction, response_nll_sum,
@@ -57,11 +59,14 @@ def main():
     pad, padding_free = tokenizer.pad_token_id, args.padding_free
     length = padded_length if args.length_aware_micro_batches else None  # None: micro-batches in sampled order
     fingerprints = {}  # dataset -> fingerprint of its tokenized examples: a resumed run must find the same data
-    with main_process_first(accelerator):  # a data error on the main process stops every process with it
-        examples = load_tokenized(args.dataset, args, tokenizer, ranking=False, log=log, fingerprints=fingerprints)
+    with tokenized_once(accelerator, args, tokenizer, log) as cache:  # the main process tokenizes, or reads
+        # --tokenized_path; the other processes read its result (a data error on it stops every process)
+        examples = load_tokenized(args.dataset, args, tokenizer, ranking=False, log=log, fingerprints=fingerprints,
+                                  cache=cache)
         reference_sets = []
         for name in (args.base_dataset.split(",") if args.base_method != "none" else []):
-            ref = load_tokenized(name, args, tokenizer, ranking=False, log=log, fingerprints=fingerprints)
+            ref = load_tokenized(name, args, tokenizer, ranking=False, log=log, fingerprints=fingerprints,
+                                 cache=cache)
             if len(ref) < args.base_num_samples:
                 log(f"reference set {name} has {len(ref)} samples (< --base_num_samples {args.base_num_samples}): "
                     "using all of them")
@@ -104,6 +109,9 @@ def main():
 
     metrics = MetricLog(accelerator, args, total_steps, step, extra)
     refresh_seconds = None
+    steps_micro_batches = step_micro_batches(sampler, examples, partial(collate_sft, pad_token_id=pad,
+                                                                        padding_free=padding_free),
+                                             step, total_steps, args.dataloader_num_workers)  # in step order
     model.train()
     while step < total_steps:
         # ---- refresh the reference basis --------------------------------------------------------------------
@@ -113,10 +121,10 @@ def main():
 
         # ---- forward and backward: the loss is the mean over every response token of the global batch ---------
         step_targets = max(1, sum(examples[i]["num_targets"] for i in sampler.step_indices(step)))  # 0: all cut away
-        micro_batches = sampler.micro_batches(step)
+        micro_batches = next(steps_micro_batches)  # [(sample indices, batch)]: sampler.micro_batches(step)
         loss_share = 0.0  # this rank's part of the step's loss (the sum over ranks is the loss)
-        for m, indices in enumerate(micro_batches):
-            batch = to_device(collate_sft([examples[i] for i in indices], pad, padding_free), device)
+        for m, (indices, batch) in enumerate(micro_batches):
+            batch = to_device(batch, device)
             with backend.micro_batch(sync=m == len(micro_batches) - 1):
                 logps, logits = token_logps(model, batch)  # logits: for any extra loss term
                 nll = -logps.sum()

@@ -137,7 +137,7 @@ def test_pairs_share_the_prompt_and_truncate_alike(tokenizer):
 
 def test_demo_datasets_load(tokenizer):
     args = SimpleNamespace(dataset_dir="data", max_samples=None, cutoff_len=512, preprocessing_num_workers=1,
-                           template="qwen", strict_data=False, seed=42)
+                           template="qwen", strict_data=False, seed=42, preprocessing_batch_size=1000)
     for name, ranking in [("demo_safety_sft", False), ("demo_general_a_sft", False), ("demo_general_b_sft", False),
                           ("demo_safety_dpo", True), ("demo_general_dpo", True)]:
         examples = data_utils.load_tokenized(name, args, tokenizer, ranking, log=lambda *_: None)
@@ -227,7 +227,8 @@ def test_rows_llamafactory_drops_are_dropped_and_logged_per_dataset(tmp_path, to
     rows = [{"instruction": "q", "output": "a"}, {"instruction": "q"}, {"instruction": "q", "output": ""},
             {"instruction": "q", "output": None}]
     args = SimpleNamespace(dataset_dir=write_dataset(tmp_path, rows), max_samples=None, cutoff_len=512,
-                           preprocessing_num_workers=1, template="qwen", strict_data=False, seed=42)
+                           preprocessing_num_workers=1, preprocessing_batch_size=1000, template="qwen",
+                           strict_data=False, seed=42)
     logged = []
     examples = data_utils.load_tokenized("set", args, tokenizer, False, log=logged.append)
     assert len(examples) == 2 and response_text(tokenizer, examples[1]) == "<|im_end|>\n"  # empty: eos only

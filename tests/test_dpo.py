@@ -146,7 +146,7 @@ def test_precomputed_reference_logps_equal_on_the_fly_ones(tiny_model, tokenizer
     for rank in range(nproc):
         table = load_state(out / "checkpoint-1", f"extra_state_{rank}")["ref_logps/train"]
         args = SimpleNamespace(dataset_dir="data", max_samples=24, cutoff_len=2048, preprocessing_num_workers=1,
-                               template="qwen", strict_data=False, seed=42)
+                               template="qwen", strict_data=False, seed=42, preprocessing_batch_size=1000)
         examples = load_tokenized("demo_safety_dpo", args, tokenizer, True, log=lambda *_: None)
         # Batched vs one-by-one forward passes differ only in padding: float32 rounding.
         assert torch.allclose(table, on_the_fly_reference(tiny_model, tokenizer, examples), rtol=1e-5, atol=1e-4)

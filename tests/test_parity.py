@@ -69,7 +69,7 @@ def test_load_tokenized_is_what_the_parity_cases_check():
     tokenizer, _ = tokenizer_and_template(case["tokenizer"], case["template"])
     args = SimpleNamespace(dataset_dir=ROOT / case["dataset_dir"], max_samples=None, cutoff_len=case["cutoff_len"],
                            preprocessing_num_workers=1, template=case["template"], strict_data=False,
-                           seed=case["seed"])
+                           seed=case["seed"], preprocessing_batch_size=1000)
     logged = []
     examples = data_utils.load_tokenized(case["dataset"], args, tokenizer, False, log=logged.append)
     assert [[e["input_ids"], e["labels"]] for e in examples] == preprocess(case)[2]
