@@ -977,7 +977,8 @@ def cache_description(args, tokenizer):
             files.update({path: _file_digest(path) for path in _data_files(spec)[0]})
     return {"stage": args.stage.removesuffix("_pg"), "dataset": ",".join(training),
             "base_dataset": ",".join(reference) or None, "dataset_dir": str(args.dataset_dir),
-            "template": args.template, "enable_thinking": args.enable_thinking, "cutoff_len": args.cutoff_len, "max_samples": args.max_samples,
+            "template": args.template, "enable_thinking": args.enable_thinking, "cutoff_len": args.cutoff_len,
+            "max_samples": args.max_samples,
             "seed": args.seed if sampled else None, "strict_data": args.strict_data,
             "tokenizer": tokenizer_digest(tokenizer), "data files": files}
 
