@@ -246,8 +246,10 @@ KNOWN_OUTPUTS = {
     "safety_vs_utility.png",
 }
 # Written by every version: checkpoints, the partial folders they and the final model are written in, the shards of
-# a large model, TensorBoard's files (Accelerate's tracker, when OUTPUT_DIR is its own logging folder).
-ALWAYS_OURS = re.compile(r"checkpoint-\d+|\.partial-.+|model-\d+-of-\d+\.safetensors|events\.out\.tfevents\..+")
+# a large model, TensorBoard's files (Accelerate's tracker, when OUTPUT_DIR is its own logging folder), the tokenized
+# datasets the main process hands to the others (data_utils.tokenized_once; left behind by a killed run).
+ALWAYS_OURS = re.compile(r"checkpoint-\d+|\.partial-.+|model-\d+-of-\d+\.safetensors|events\.out\.tfevents\..+|"
+                         r"tokenized-for-other-ranks")
 
 
 def planned_outputs(args):

@@ -34,6 +34,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -1094,7 +1095,10 @@ def tokenized_once(accelerator, args, tokenizer, log=print):
     path = Path(args.output_dir, "tokenized-for-other-ranks") if temporary else args.tokenized_path
     with main_process_first(accelerator):  # a data error on the main process stops every process with it
         cache = None
-        if path is not None:
+        if temporary and not accelerator.is_main_process and not Path(path, CACHE_INDEX).is_file():
+            print(f"warning: rank {accelerator.process_index}: {path} is not visible here (OUTPUT_DIR is not on a "
+                  "file system shared with the main process): tokenizing on this process too", file=sys.stderr)
+        elif path is not None:
             cache = TokenizedCache.open(path, cache_description(args, tokenizer),
                                         rebuild=temporary or args.overwrite_cache,
                                         may_build=accelerator.is_main_process)
