@@ -5,7 +5,6 @@ The router loss of a step is coef x the mean of the model's aux_loss over the st
 train_utils.router_term); the checks rebuild it from direct forward passes of the same micro-batches.
 """
 
-import math
 from types import SimpleNamespace
 
 import pytest
@@ -13,8 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from helpers import WEIGHTS_RTOL, load_weights, read_log, run_script, weights_relative_difference
-from test_backends import BACKENDS, LAUNCH
-from test_dpo import dpo_args
+from test_backends import BACKENDS, LAUNCH, MAX_COS
+import train_dpo_pg
+import train_sft_pg
+from test_dpo import dpo_args, run_in_process
 from test_sft_e2e import sft_args
 
 COMMON = dict(vocab_size=None, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -85,11 +86,12 @@ ONE_SGD_STEP = dict(stage=None, base_method="none", optim="sgd", learning_rate=1
 
 
 @pytest.mark.parametrize("script", ["sft", "dpo"])
-def test_router_loss_is_coef_times_the_direct_forward_aux_loss(moe_models, tokenizer, tmp_path, script):
+def test_router_loss_is_coef_times_the_direct_forward_aux_loss(moe_models, tokenizer, tmp_path, capsys, script):
     """One SGD step (lr 1, no clipping, no projection) over two micro-batches: the update equals minus the gradient of
     the token (SFT) or sigmoid (DPO) loss plus coef x the mean aux_loss of direct forward passes of the same
     micro-batches; without the router term it does not. SFT on Qwen3-MoE with --moe_aux_loss_coef 1; DPO on the
-    Mixtral whose config asks for the router loss with coefficient 0.5 (no flag: the config is honoured).
+    Mixtral whose config asks for the router loss with coefficient 0.5 (no flag: the config is honoured). The runs
+    go in this process (no interpreter start-up: CI time).
 
     Tolerance: the run and this rebuild sum the same float32 terms in another order (measured 6e-8 and 3e-7
     relative); 1e-5 leaves 30x room. The router term moves the update by 1e-2 (DPO) to 2e-1 (SFT) of its norm."""
@@ -97,9 +99,12 @@ def test_router_loss_is_coef_times_the_direct_forward_aux_loss(moe_models, token
     coef = 1.0 if script == "sft" else 0.5
     out = tmp_path / "run"
     if script == "sft":
-        run_script("train_sft_pg.py", sft_args(model, out, **{**ONE_SGD_STEP, "stage": "sft"}, moe_aux_loss_coef=coef))
+        code, errors = run_in_process(train_sft_pg.main, sft_args(model, out, **{**ONE_SGD_STEP, "stage": "sft"},
+                                                                  moe_aux_loss_coef=coef), capsys)
     else:
-        run_script("train_dpo_pg.py", dpo_args(model, out, **{**ONE_SGD_STEP, "stage": "dpo"}))
+        code, errors = run_in_process(train_dpo_pg.main, dpo_args(model, out, **{**ONE_SGD_STEP, "stage": "dpo"}),
+                                      capsys)
+    assert code == 0, errors
     batches = step_micro_batches(tokenizer, "demo_safety_sft" if script == "sft" else "demo_safety_dpo",
                                  script == "dpo", 4, 2, 8)
 
@@ -144,30 +149,55 @@ def test_router_loss_is_coef_times_the_direct_forward_aux_loss(moe_models, token
 
 @pytest.fixture(scope="module")
 def single_moe_run(moe_models, tmp_path_factory):
-    """One process, 2 steps with OGPSA: the run that two processes must equal."""
+    """One process (this one), 2 steps with OGPSA: the run that two processes must equal."""
+    import sys
+
     out = tmp_path_factory.mktemp("moe-single")
-    run_script("train_sft_pg.py", sft_args(moe_models["qwen3_moe"], out, moe_aux_loss_coef=0.5, max_steps=2,
-                                           max_samples=16, base_num_samples=8))
+    old, sys.argv = sys.argv, ["train_sft_pg.py", *sft_args(moe_models["qwen3_moe"], out, moe_aux_loss_coef=0.5,
+                                                           max_steps=2, max_samples=8, base_num_samples=4,
+                                                           logging_steps=1)]
+    try:
+        train_sft_pg.main()
+    finally:
+        sys.argv = old
     return out
 
 
 @pytest.mark.parametrize("backend", ["ddp", "zero3", "fsdp2"])
 def test_two_processes_equal_one_with_the_router_loss(moe_models, single_moe_run, tmp_path, backend):
     """Two processes with grad_accum 1 run the one-process run's micro-batches (grad_accum 2), so the mean router
-    loss over them is the same; tolerance as tests/test_backends.py (WEIGHTS_RTOL)."""
-    args = sft_args(moe_models["qwen3_moe"], tmp_path, moe_aux_loss_coef=0.5, max_steps=2, max_samples=16,
-                    base_num_samples=8, gradient_accumulation_steps=1) + BACKENDS.get(backend, [])
+    loss over them is the same; tolerance as tests/test_backends.py (WEIGHTS_RTOL). The router loss's gradient is
+    projected with the rest: the stepped gradient stays orthogonal to the basis (max_abs_cos, as there)."""
+    args = sft_args(moe_models["qwen3_moe"], tmp_path, moe_aux_loss_coef=0.5, max_steps=2, max_samples=8,
+                    base_num_samples=4, logging_steps=1, gradient_accumulation_steps=1) + BACKENDS.get(backend, [])
     run_script("train_sft_pg.py", args, nproc=2, **LAUNCH.get(backend, {}))
     assert weights_relative_difference(load_weights(single_moe_run), load_weights(tmp_path)) <= WEIGHTS_RTOL
     assert read_log(tmp_path)[-1]["router_aux_loss"] == pytest.approx(read_log(single_moe_run)[-1]["router_aux_loss"],
                                                                      rel=WEIGHTS_RTOL)
-    assert not math.isnan(read_log(tmp_path)[-1]["router_aux_loss"])
+    assert all(record["max_abs_cos"] < MAX_COS for record in read_log(tmp_path) + read_log(single_moe_run))
 
 
 def test_moe_aux_loss_coef_on_a_dense_model_is_refused(tiny_model, tmp_path, capsys):
-    import train_sft_pg
-    from test_dpo import run_in_process
-
     code, errors = run_in_process(train_sft_pg.main, sft_args(tiny_model, tmp_path / "run", moe_aux_loss_coef=0.01,
                                                               max_samples=8, base_num_samples=8), capsys)
     assert code == 2 and len(errors) == 1 and errors[0].startswith("error: --moe_aux_loss_coef 0.01: the model"), errors
+
+
+def test_resume_may_not_regroup_micro_batches_under_a_router_loss(moe_models, tmp_path):
+    """Another per-device batch (same global batch) may resume a run without a router loss, not one with it: the
+    router loss is per micro-batch. The Mixtral's config asks for the router loss by itself."""
+    import json
+
+    from checkpoint import check_resume_flags
+    from run_guard import UserError
+
+    def resume(model, coef, batch_size):
+        saved = {"model_name_or_path": str(model), "moe_aux_loss_coef": coef, "per_device_train_batch_size": 4}
+        (tmp_path / "trainer_state.json").write_text(json.dumps({"args": saved}))
+        check_resume_flags(SimpleNamespace(**{**saved, "per_device_train_batch_size": batch_size}), tmp_path)
+
+    resume(moe_models["qwen3_moe"], None, 2)  # no router loss: the global batch alone must match
+    resume(moe_models["qwen3_moe"], 0.5, 4)
+    for model, coef in ((moe_models["qwen3_moe"], 0.5), (moe_models["mixtral"], None)):
+        with pytest.raises(UserError, match="--per_device_train_batch_size 4 -> 2"):
+            resume(model, coef, 2)
