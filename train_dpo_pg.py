@@ -1,8 +1,9 @@
 r"""Safety DPO with Orthogonal Gradient Projection (OGPSA).
 
 Same loop as train_sft_pg.py with a preference loss: every optimizer step runs the policy (and the frozen
-reference model, unless its log-probabilities were precomputed) on chosen and rejected responses, projects the
-reduced gradient out of the span of the reference (general-capability) gradients, clips and steps.
+reference model, unless its log-probabilities were precomputed or the loss, orpo or simpo, is reference-free) on
+chosen and rejected responses, projects the reduced gradient out of the span of the reference (general-capability)
+gradients, clips and steps.
 
 Tiny CPU run (SFT first, then DPO from the SFT output; see README for the whole demo):
     python train_dpo_pg.py --model_name_or_path outputs/demo-sft --dataset_dir data --dataset demo_safety_dpo \

@@ -315,3 +315,18 @@ def test_reference_flags_with_a_reference_free_loss_are_refused(tiny_model, tmp_
                                                               **extra), capsys)
     name = next(iter(extra))
     assert code == 2 and len(errors) == 1 and errors[0].startswith(f"error: --{name} with --pref_loss simpo"), errors
+
+
+def test_orpo_refuses_cut_away_responses_and_simpo_gamma_needs_simpo():
+    from data_utils import DataError
+    from run_guard import UserError
+    from train_dpo_pg import check_orpo_pairs, check_preference_flags
+
+    check_orpo_pairs("d", [{"num_targets": 1, "num_targets_rejected": 2}], 16)
+    with pytest.raises(DataError, match="dataset 'd': --cutoff_len 16 cuts a response of 1 of its 2 pairs away"):
+        check_orpo_pairs("d", [{"num_targets": 1, "num_targets_rejected": 2}, {"num_targets": 3,
+                                                                               "num_targets_rejected": 0}], 16)
+    flags = dict(dpo_label_smoothing=0.0, ref_model=None, precompute_ref_log_probs=False)
+    check_preference_flags(SimpleNamespace(pref_loss="simpo", simpo_gamma=1.0, **flags))
+    with pytest.raises(UserError, match="--simpo_gamma applies to --pref_loss simpo only"):
+        check_preference_flags(SimpleNamespace(pref_loss="orpo", simpo_gamma=1.0, **flags))
