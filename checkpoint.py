@@ -138,7 +138,10 @@ def has_router_loss(saved_args):
     if saved_args.get("moe_aux_loss_coef") is not None:
         return saved_args["moe_aux_loss_coef"] != 0
     config = Path(str(saved_args.get("model_name_or_path")), "config.json")
-    return config.is_file() and bool(json.loads(config.read_text()).get("output_router_logits", False))
+    try:
+        return config.is_file() and bool(json.loads(config.read_text()).get("output_router_logits", False))
+    except (json.JSONDecodeError, UnicodeDecodeError):  # a damaged config: loading the model names it
+        return False
 
 
 def start_from(folder, saved_args):
