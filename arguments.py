@@ -122,6 +122,9 @@ def build_parser(description, stage, default_lr):
          help="attention kernel: auto (transformers' default), disabled (eager), sdpa, fa2 (flash_attention_2)")
     flag(g, "--trust_remote_code", bool, default=False, help="allow model/tokenizer code from the hub")
     flag(g, "--gradient_checkpointing", bool, default=False, help="recompute activations in backward to save memory")
+    flag(g, "--moe_aux_loss_coef", NON_NEGATIVE_FLOAT, default=None,
+         help="MoE models: weight of the router's load-balancing loss added to the training loss (default: the "
+              "model config's router_aux_loss_coef if it sets output_router_logits, else none; 0: none)")
 
     g = parser.add_argument_group("LoRA (--finetuning_type lora), as LLaMA-Factory names them")
     flag(g, "--lora_rank", POSITIVE_INT, default=None, help="rank of the adapters (default 8)")

@@ -51,7 +51,11 @@ RESUME_MUST_MATCH = RESUME_OGPSA | {
     "warmup_ratio", "optim", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "bf16",
     "fp16",  # optimisation
     "pref_beta", "pref_loss", "dpo_label_smoothing", "pref_ftx", "ref_model", "precompute_ref_log_probs",  # DPO
+    "simpo_gamma", "moe_aux_loss_coef",
 }
+# With an MoE router loss, which is computed per micro-batch (train_utils.router_term), these regroup the samples
+# into other micro-batches and so change the result: they must match too.
+RESUME_ROUTER_LOSS = {"per_device_train_batch_size", "length_aware_micro_batches", "padding_free"}
 
 
 def resolve_resume(args):
@@ -126,7 +130,10 @@ def check_resume_flags(args, folder):
     """Refuse to resume with a flag that changes the result; the message lists each change (old -> new)."""
     saved = read_json(Path(folder, "trainer_state.json"), folder).get("args", {})
     now = json_safe(vars(args))
-    changed = [name for name in sorted(now) if name in saved and name not in RESUME_MAY_CHANGE | RESUME_GLOBAL_BATCH
+    may_change = RESUME_MAY_CHANGE | RESUME_GLOBAL_BATCH
+    if has_router_loss(saved):
+        may_change = may_change - RESUME_ROUTER_LOSS
+    changed = [name for name in sorted(now) if name in saved and name not in may_change
                and now[name] != saved[name]]  # a flag in neither list counts as one that must match
     if not changed:
         return
@@ -139,6 +146,18 @@ def check_resume_flags(args, folder):
         + f". Resume with the checkpoint's values (in {Path(folder, 'trainer_state.json')}), or start a new run from "
         f"{start_from(folder, saved)} with a new --output_dir and no --resume_from_checkpoint (the optimizer, "
         "schedule and basis then start afresh)")
+
+
+def has_router_loss(saved_args):
+    """Whether the run of `saved_args` trained with an MoE router loss: --moe_aux_loss_coef, or (without it) a local
+    model config that asks for the router logits (see train_utils.router_loss_coef)."""
+    if saved_args.get("moe_aux_loss_coef") is not None:
+        return saved_args["moe_aux_loss_coef"] != 0
+    config = Path(str(saved_args.get("model_name_or_path")), "config.json")
+    try:
+        return config.is_file() and bool(json.loads(config.read_text()).get("output_router_logits", False))
+    except (json.JSONDecodeError, UnicodeDecodeError):  # a damaged config: loading the model names it
+        return False
 
 
 def start_from(folder, saved_args):

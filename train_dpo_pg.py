@@ -1,8 +1,9 @@
 r"""Safety DPO with Orthogonal Gradient Projection (OGPSA).
 
 Same loop as train_sft_pg.py with a preference loss: every optimizer step runs the policy (and the frozen
-reference model, unless its log-probabilities were precomputed) on chosen and rejected responses, projects the
-reduced gradient out of the span of the reference (general-capability) gradients, clips and steps.
+reference model, unless its log-probabilities were precomputed or the loss, orpo or simpo, is reference-free) on
+chosen and rejected responses, projects the reduced gradient out of the span of the reference (general-capability)
+gradients, clips and steps.
 
 Tiny CPU run (SFT first, then DPO from the SFT output; see README for the whole demo):
     python train_dpo_pg.py --model_name_or_path outputs/demo-sft --dataset_dir data --dataset demo_safety_dpo \
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import set_seed
 
-from arguments import NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, build_parser, check_args, checked, flag
+from arguments import FINITE_FLOAT, NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, build_parser, check_args, checked, flag
 from backends import make_backend, prepare_reference_model
 from checkpoint import Checkpointer, check_data_unchanged, is_save_step, prepare_output_dir, write_json
 from data_utils import (DataError, StepSampler, collate_pairs, collate_sft, describe_batching, is_ranking,
@@ -40,15 +41,17 @@ from run_guard import StepGuard, UserError, hold_output_dir, run_main
 from train_utils import (AdapterDisabled, MetricLog, build_optimizer, build_scheduler, check_padding_free,
                          check_reference_sets, end_run, input_tokens, load_model, load_policy, load_tokenizer,
                          make_accelerator, make_projector, make_update_projector, projection_scalars,
-                         report_params_without_direction, response_nll_sum, response_positions, to_device, token_logps,
-                         total_optimizer_steps)
+                         report_params_without_direction, response_nll_sum, response_positions, router_loss_coef,
+                         router_term, to_device, forward_logps, total_optimizer_steps)
 
 
-LOSSES = ("sigmoid", "ipo", "hinge")
+LOSSES = ("sigmoid", "ipo", "hinge", "orpo", "simpo")
+REFERENCE_FREE = ("orpo", "simpo")  # no reference model is loaded or run
+LENGTH_AVERAGED = ("ipo", "orpo", "simpo")  # log-probabilities are means over response tokens, not sums
 
 
-def preference_loss(chosen_logratios, rejected_logratios, loss_type, beta, label_smoothing=0.0):
-    """Per-pair preference loss.
+def preference_loss(chosen_logratios, rejected_logratios, loss_type, beta, label_smoothing=0.0, simpo_gamma=0.5):
+    """Per-pair preference loss (LLaMA-Factory's definitions, train/dpo/trainer.py).
 
     With h = (log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x)):
         sigmoid (DPO, Rafailov et al. 2023), label smoothing e (conservative DPO):
@@ -57,9 +60,16 @@ def preference_loss(chosen_logratios, rejected_logratios, loss_type, beta, label
             L = (h - 1 / (2 beta))^2
         hinge (SLiC, Zhao et al. 2023):
             L = max(0, 1 - beta h)
+    Reference-free, from the policy's length-averaged log-probabilities a = log pi(y_w|x) / |y_w|,
+    b = log pi(y_l|x) / |y_l| (the caller passes them as the log-ratios, with log pi_ref = 0):
+        orpo (Hong et al. 2024), with the odds p / (1 - p) of p = exp(a), exp(b):
+            L = -a - beta log sigmoid(log odds(a) - log odds(b)),  log odds(x) = x - log(1 - exp(x))
+        simpo (Meng et al. 2024), target margin gamma:
+            L = -log sigmoid(beta (a - b) - gamma)
 
     Args:
-        chosen_logratios, rejected_logratios: (B,) log pi - log pi_ref of the chosen / rejected responses.
+        chosen_logratios, rejected_logratios: (B,) log pi - log pi_ref of the chosen / rejected responses
+            (orpo, simpo: the length-averaged log pi, which must be < 0 for orpo).
     Returns:
         (B,) losses.
     """
@@ -70,22 +80,34 @@ def preference_loss(chosen_logratios, rejected_logratios, loss_type, beta, label
         return (h - 1 / (2 * beta)) ** 2
     if loss_type == "hinge":
         return torch.relu(1 - beta * h)
+    if loss_type == "orpo":
+        log_odds = h - (log1mexp(chosen_logratios) - log1mexp(rejected_logratios))
+        return -chosen_logratios - beta * F.logsigmoid(log_odds)
+    if loss_type == "simpo":
+        return -F.logsigmoid(beta * h - simpo_gamma)
     raise ValueError(f"unknown --pref_loss {loss_type!r}, expected one of {LOSSES}")
 
 
-def pair_logps(model, batch, average):
+def log1mexp(x):
+    """log(1 - exp(x)) for x < 0, accurate at both ends (Maechler 2012): log(-expm1(x)) near 0, where
+    log1p(-exp(x)) (LLaMA-Factory's and TRL's form) loses the digits of a probability close to 1."""
+    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def pair_logps(model, batch, average, router_logits=False):
     """Response log-probabilities of a collate_pairs batch (B pairs: chosen rows first, then rejected).
 
-    Returns chosen (B,), rejected (B,), the chosen responses' mean-token log-probability (B,), and the logits
-    for any extra loss term (2B, T, vocab; padding-free: (1, N, vocab), see token_logps). Sums over response
-    tokens, or means when `average` (IPO). Prompt tokens never count: their labels are ignored.
+    Returns chosen (B,), rejected (B,), the chosen responses' mean-token log-probability (B,), and the model's
+    output (its logits for any extra loss term: (2B, T, vocab), padding-free (1, N, vocab), see token_logps; with
+    `router_logits`, its MoE router loss `aux_loss`). Sums over response tokens, or means when `average` (IPO, ORPO,
+    SimPO). Prompt tokens never count: their labels are ignored.
     """
-    logps, logits = token_logps(model, batch)
+    logps, output = forward_logps(model, batch, router_logits)
     counts = response_positions(batch).sum(-1).clamp(min=1)  # a response cut away by --cutoff_len has none
     sums = logps.sum(-1)
     values = sums / counts if average else sums
     chosen, rejected = values.chunk(2)
-    return chosen, rejected, sums.chunk(2)[0] / counts.chunk(2)[0], logits
+    return chosen, rejected, sums.chunk(2)[0] / counts.chunk(2)[0], output
 
 
 @torch.no_grad()
@@ -116,11 +138,13 @@ def add_dpo_flags(parser):
     g = parser.add_argument_group("preference optimisation")
     flag(g, "--pref_beta", POSITIVE_FLOAT, default=0.1,
          help="beta: strength of the KL regularisation towards the reference")
-    flag(g, "--pref_loss", default="sigmoid", choices=list(LOSSES), help="sigmoid (DPO), ipo or hinge")
+    flag(g, "--pref_loss", default="sigmoid", choices=list(LOSSES),
+         help="sigmoid (DPO), ipo, hinge; orpo or simpo: reference-free (no reference model is loaded or run)")
     flag(g, "--dpo_label_smoothing", checked(float, lambda v: 0 <= v <= 0.5, "in [0, 0.5]"), default=0.0,
          help="sigmoid loss: label smoothing (conservative DPO)")
+    flag(g, "--simpo_gamma", FINITE_FLOAT, default=0.5, help="simpo loss: target reward margin gamma")
     flag(g, "--pref_ftx", NON_NEGATIVE_FLOAT, default=0.0,
-         help="weight of an added SFT loss (mean-token NLL of the chosen)")
+         help="weight of an added SFT loss (mean-token NLL of the chosen; with orpo, on top of its own)")
     flag(g, "--ref_model", default=None, help="reference model (default: a frozen copy of the initial policy; LoRA: "
                                             "the policy with its adapter disabled, i.e. the base model)")
     flag(g, "--precompute_ref_log_probs", bool, default=False,
@@ -132,13 +156,36 @@ def add_dpo_flags(parser):
     return parser
 
 
+def check_preference_flags(args):
+    """Refuse preference-loss flags that the chosen --pref_loss would ignore, or contradict."""
+    if args.dpo_label_smoothing and args.pref_loss != "sigmoid":
+        raise UserError("--dpo_label_smoothing applies to --pref_loss sigmoid only")
+    if args.simpo_gamma != 0.5 and args.pref_loss != "simpo":
+        raise UserError(f"--simpo_gamma applies to --pref_loss simpo only (the run uses {args.pref_loss}): drop it")
+    if args.pref_loss in REFERENCE_FREE:
+        for name in ("ref_model", "precompute_ref_log_probs"):
+            if getattr(args, name):
+                raise UserError(f"--{name} with --pref_loss {args.pref_loss}: {args.pref_loss} is reference-free (no "
+                                "reference model is loaded or run); drop --" + name + ", or use a loss with a "
+                                "reference (sigmoid, ipo, hinge)")
+
+
+def check_orpo_pairs(name, pairs, cutoff_len):
+    """orpo: refuse pairs with a response cut away entirely by --cutoff_len (kept with every label masked, as in
+    LLaMA-Factory): the odds p / (1 - p) of an empty response, p = exp(0) = 1, are infinite and the loss NaN."""
+    cut = sum(1 for e in pairs if not e["num_targets"] or not e["num_targets_rejected"])
+    if cut:
+        raise DataError(f"dataset '{name}': --cutoff_len {cutoff_len} cuts a response of {cut} of its {len(pairs)} "
+                        "pairs away entirely, and orpo's odds ratio of an empty response is undefined; raise "
+                        "--cutoff_len (or use another --pref_loss)")
+
+
 def main():
     parser = add_dpo_flags(build_parser(__doc__, "dpo_pg", default_lr=1e-6))
     args = parser.parse_args()
     hold_output_dir(args.output_dir)  # one run per output folder, before anything in it is read
     args = check_args(args, "dpo_pg")
-    if args.dpo_label_smoothing and args.pref_loss != "sigmoid":
-        raise UserError("--dpo_label_smoothing applies to --pref_loss sigmoid only")
+    check_preference_flags(args)
     # before the accelerator (and DeepSpeed) start: an unknown template or a token it needs that the tokenizer lacks
     # stops here. Resuming: the saved tokenizer
     tokenizer = load_tokenizer(args.resume_from_checkpoint or args.model_name_or_path, args)
@@ -148,7 +195,8 @@ def main():
     prepare_output_dir(args, accelerator)
     log, device = accelerator.print, accelerator.device
     world, rank = accelerator.num_processes, accelerator.process_index
-    average = args.pref_loss == "ipo"
+    average = args.pref_loss in LENGTH_AVERAGED
+    reference_free = args.pref_loss in REFERENCE_FREE
 
     # ---- data -------------------------------------------------------------------------------------------------
     pad, padding_free = tokenizer.pad_token_id, args.padding_free
@@ -158,6 +206,8 @@ def main():
         # --tokenized_path; the other processes read its result (a data error on it stops every process)
         examples = load_tokenized(args.dataset, args, tokenizer, ranking=True, log=log, fingerprints=fingerprints,
                                   cache=cache)
+        if args.pref_loss == "orpo":
+            check_orpo_pairs(args.dataset, examples, args.cutoff_len)
         reference_pairs = {}  # name -> pair examples whose reference log-probs the dpo base loss needs
         reference_sets = []
         for name in (args.base_dataset.split(",") if args.base_method != "none" else []):
@@ -183,6 +233,8 @@ def main():
                                                    response_nll_sum,
                                                    lambda e: e["num_targets"] + e["num_targets_rejected"]))
             else:
+                if args.pref_loss == "orpo":
+                    check_orpo_pairs(name, ref, args.cutoff_len)
                 reference_pairs[name] = ref
     check_reference_sets(reference_sets + [ReferenceSet(name, pairs, None, None, lambda e: e["num_targets"] + e[
         "num_targets_rejected"]) for name, pairs in reference_pairs.items()], args)  # --base_loss dpo's sets too
@@ -191,6 +243,7 @@ def main():
 
     # ---- policy, reference model, optimizer, schedule, projection ---------------------------------------------
     model = load_policy(args, len(tokenizer))  # full: every weight trains; lora: adapters on the frozen model
+    router_coef = router_loss_coef(model, args, log)  # MoE: the router's load-balancing loss, or None
     optimizer = build_optimizer(model, args)
     model, optimizer = accelerator.prepare(model, optimizer)
     backend = make_backend(accelerator, model, optimizer)
@@ -210,7 +263,9 @@ def main():
         log(f"resumed from {args.resume_from_checkpoint} at step {step}")
     first_step = step
     ref_model, ref_table = None, {}
-    if "ref_logps" in extra:  # precomputed before the interruption: nothing to reload
+    if reference_free:
+        log(f"--pref_loss {args.pref_loss} is reference-free: no reference model is loaded or run")
+    elif "ref_logps" in extra:  # precomputed before the interruption: nothing to reload
         ref_table = {name: extra[f"ref_logps/{name}"] for name in ["train", *reference_pairs]}
     else:  # the initial policy (--model_name_or_path, also when resuming), unless --ref_model names another
         if args.finetuning_type == "lora" and not args.ref_model:  # the base model: the policy, adapter off
@@ -228,7 +283,10 @@ def main():
             log("precomputed reference log-probabilities; the reference model is released")
 
     def reference_for(name, pairs, indices, batch):
-        """Reference (chosen, rejected) log-probs: from the precomputed table, or the reference model."""
+        """Reference (chosen, rejected) log-probs: from the precomputed table, or the reference model; 0 for a
+        reference-free loss (whose log-ratios are the policy's log-probabilities)."""
+        if reference_free:
+            return 0.0, 0.0
         if name in ref_table:
             values = ref_table[name][torch.tensor(indices, device=ref_table[name].device)].to(device)
             return values[:, 0], values[:, 1]
@@ -241,7 +299,7 @@ def main():
             chosen, rejected, _, _ = pair_logps(model_, batch, average)
             ref_chosen, ref_rejected = reference_for(name, pairs, batch["indices"].tolist(), batch)
             return preference_loss(chosen - ref_chosen, rejected - ref_rejected, args.pref_loss, args.pref_beta,
-                                   args.dpo_label_smoothing).sum()
+                                   args.dpo_label_smoothing, args.simpo_gamma).sum()
 
         indexed = [{**e, "index": i} for i, e in enumerate(pairs)]
         reference_sets.append(ReferenceSet(name, indexed, lambda b: {**collate_pairs(b, pad, padding_free),
@@ -276,13 +334,17 @@ def main():
         for m, (indices, batch) in enumerate(micro_batches):
             batch = to_device(batch, device)
             with backend.micro_batch(sync=m == len(micro_batches) - 1):
-                chosen, rejected, chosen_mean, logits = pair_logps(model, batch, average)  # logits: for extra terms
+                chosen, rejected, chosen_mean, output = pair_logps(model, batch, average, router_coef is not None)
                 ref_chosen, ref_rejected = reference_for("train", examples, indices, batch)
                 losses = preference_loss(chosen - ref_chosen, rejected - ref_rejected, args.pref_loss,
-                                         args.pref_beta, args.dpo_label_smoothing)
+                                         args.pref_beta, args.dpo_label_smoothing, args.simpo_gamma)
                 if args.pref_ftx:
                     losses = losses - args.pref_ftx * chosen_mean
-                backend.backward(losses.sum() * (world / sampler.global_batch))
+                loss = losses.sum() * (world / sampler.global_batch)
+                if router_coef is not None:  # MoE: the policy forward's router loss (see train_utils.router_term)
+                    loss = loss + router_term(output.aux_loss, router_coef, len(micro_batches))
+                    metrics.add("router_aux_loss", output.aux_loss, 1)
+                backend.backward(loss)
             loss_share = loss_share + losses.detach().double().sum() / sampler.global_batch
             chosen_rewards = args.pref_beta * (chosen - ref_chosen).detach()
             rejected_rewards = args.pref_beta * (rejected - ref_rejected).detach()

@@ -38,7 +38,7 @@ from run_guard import StepGuard, hold_output_dir, run_main
 from train_utils import (MetricLog, build_optimizer, build_scheduler, check_padding_free, check_reference_sets, end_run,
                          input_tokens, load_policy, load_tokenizer, make_accelerator, make_projector,
                          make_update_projector, projection_scalars, report_params_without_direction, response_nll_sum,
-                         to_device, token_logps, total_optimizer_steps)
+                         router_loss_coef, router_term, to_device, forward_logps, total_optimizer_steps)
 
 
 def main():
@@ -80,6 +80,7 @@ def main():
 
     # ---- model, optimizer, schedule, projection ---------------------------------------------------------------
     model = load_policy(args, len(tokenizer))  # full: every weight trains; lora: adapters on the frozen model
+    router_coef = router_loss_coef(model, args, log)  # MoE: the router's load-balancing loss, or None
     optimizer = build_optimizer(model, args)
     model, optimizer = accelerator.prepare(model, optimizer)
     backend = make_backend(accelerator, model, optimizer)
@@ -126,9 +127,13 @@ def main():
         for m, (indices, batch) in enumerate(micro_batches):
             batch = to_device(batch, device)
             with backend.micro_batch(sync=m == len(micro_batches) - 1):
-                logps, logits = token_logps(model, batch)  # logits: for any extra loss term
+                logps, output = forward_logps(model, batch, router_coef is not None)  # output: for extra loss terms
                 nll = -logps.sum()
-                backend.backward(nll * (world / step_targets))  # DDP averages over ranks: scale back up
+                loss = nll * (world / step_targets)  # DDP averages over ranks: scale back up
+                if router_coef is not None:  # MoE: this forward's router loss (see train_utils.router_term)
+                    loss = loss + router_term(output.aux_loss, router_coef, len(micro_batches))
+                    metrics.add("router_aux_loss", output.aux_loss, 1)
+                backend.backward(loss)
             loss_share = loss_share + nll.detach().double() / step_targets
             metrics.add("loss", nll, sum(examples[i]["num_targets"] for i in indices))
             if args.include_num_input_tokens_seen:

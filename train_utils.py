@@ -420,15 +420,54 @@ def token_logps(model, batch):
     Position t predicts token t + 1, so labels are shifted left by one instead of slicing the logits: logps[:, t]
     and logits[:, t] belong to the same position.
     """
+    logps, output = forward_logps(model, batch)
+    return logps, output.logits
+
+
+def forward_logps(model, batch, router_logits=False):
+    """token_logps, returning the model's whole output instead of its logits; with `router_logits` (an MoE model,
+    see router_loss_coef) the output holds `aux_loss`, the router's load-balancing loss of this forward."""
     if "position_ids" in batch:  # padding-free: positions restart per sequence; no mask (see check_padding_free)
         inputs = {"position_ids": batch["position_ids"]}
     else:
         inputs = {"attention_mask": batch["attention_mask"]}
-    logits = model(input_ids=batch["input_ids"], **inputs, use_cache=False).logits
+    if router_logits:
+        inputs["output_router_logits"] = True
+    output = model(input_ids=batch["input_ids"], **inputs, use_cache=False)
     labels = next_token_labels(batch)
-    nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
+    nll = F.cross_entropy(output.logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
                           reduction="none")
-    return per_sequence(batch, -nll.view(labels.shape)), logits
+    return per_sequence(batch, -nll.view(labels.shape)), output
+
+
+def router_loss_coef(model, args, log):
+    """The weight of the MoE router's auxiliary (load-balancing) loss in the training loss, or None without one.
+
+    As LLaMA-Factory's configure_moe: --moe_aux_loss_coef turns the router logits on with that coefficient (0: off);
+    without it, a model config that asks for them (output_router_logits: true) is honoured with its
+    router_aux_loss_coef, the loss Hugging Face's Trainer would add. The model config itself is left as it is (the
+    saved model's config.json is the input's): the policy's training forward passes ask for the router logits. A
+    model whose config has no output_router_logits (a dense model) has no router loss: the flag is refused.
+    """
+    config = model.config
+    if args.moe_aux_loss_coef is not None:
+        if not hasattr(config, "output_router_logits"):
+            raise UserError(f"--moe_aux_loss_coef {args.moe_aux_loss_coef}: the model {args.model_name_or_path} "
+                            f"({config.model_type}) is not a mixture of experts with a router loss (its config has "
+                            "no output_router_logits); drop the flag")
+        coef = args.moe_aux_loss_coef
+        if coef == 0:
+            log("--moe_aux_loss_coef 0: no MoE router loss")
+            return None
+    elif getattr(config, "output_router_logits", False):
+        coef = config.router_aux_loss_coef
+    else:
+        return None
+    log(f"MoE router loss is in: {coef} x the router's load-balancing loss (aux_loss) of each forward pass of the "
+        "policy, added to the training loss"
+        + ("" if args.moe_aux_loss_coef is not None else " (the model config's output_router_logits and "
+           "router_aux_loss_coef)") + "; the reference gradients leave it out")
+    return coef
 
 
 def next_token_labels(batch):
@@ -492,6 +531,23 @@ def check_padding_free(model, accelerator, what="model"):
                         f"{unwrapped.config._attn_implementation}) does not keep the sequences of a "
                         f"padding-free row apart: a sequence packed after another got logits {error:.3g} away from "
                         f"its own (attending to the other one moves them {crossing:.3g}); use --padding_free False")
+
+
+def router_term(aux_loss, coef, micro_batches):
+    """What one micro-batch adds to the value each rank backpropagates for the MoE router loss.
+
+    Hugging Face's models compute the router loss per forward pass: aux_loss is the load balance of that
+    micro-batch's tokens (a product of two token means, not a sum over tokens), and its Trainer adds coef x aux_loss
+    to each micro-batch's loss, averaged over accumulation and DDP ranks. So here a step's router loss is coef x the
+    mean of aux_loss over the step's world x grad_accum micro-batches: this rank's `micro_batches` (grad_accum)
+    each add coef x aux_loss / grad_accum, which the ranks' average (the scripts' backward convention) turns into
+    that mean. Invariant, to float rounding: the split of the step's micro-batches over processes and accumulation
+    (StepSampler builds the same micro-batches for N processes x grad_accum g as for one process x N g, at the same
+    per-device batch), so two processes equal one. Not invariant, as in Hugging Face: anything that regroups the
+    samples into other micro-batches (another per_device_train_batch_size, length-aware or padding-free batching),
+    since the load balance of a larger batch is not the mean of its parts'.
+    """
+    return coef * aux_loss / micro_batches
 
 
 def response_nll_sum(model, batch):

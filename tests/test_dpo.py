@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from helpers import WEIGHTS_RTOL, load_weights, read_log, run_script, weights_relative_difference
 from train_dpo_pg import pair_logps, preference_loss
@@ -52,6 +53,47 @@ def test_gradient_moves_chosen_up_and_rejected_down(loss_type, smoothing):
 def test_unknown_loss_is_refused():
     with pytest.raises(ValueError, match="unknown --pref_loss 'kto'"):
         preference_loss(torch.zeros(1), torch.zeros(1), "kto", 0.1)
+
+
+# ---- reference-free losses against the float64 formulas and TRL's implementation -------------------------------
+
+def orpo_float64(a, b, beta):
+    """ORPO (Hong et al. 2024, eq. 4-7) from the odds p / (1 - p) of p = exp(length-averaged log-probability)."""
+    odds = [math.exp(x) / (1 - math.exp(x)) for x in (a, b)]
+    return -a - beta * math.log(1 / (1 + odds[1] / odds[0]))  # log sigmoid(log(odds_w / odds_l))
+
+
+def trl_orpo(a, b, beta):
+    """TRL's ORPOTrainer as written (odds_ratio_loss, log1p(-exp(x)); loss = policy_nll_loss - beta * mean(ratio)),
+    for one pair, where its token-mean NLL of the chosen batch is -a. Same dtype as the inputs."""
+    log_odds = (a - b) - (torch.log1p(-torch.exp(a)) - torch.log1p(-torch.exp(b)))
+    return -a - beta * torch.log(torch.sigmoid(log_odds))
+
+
+def trl_cpo_simpo(a, b, beta, gamma):
+    """TRL's CPOTrainer loss_type simpo as written (label_smoothing 0, cpo_alpha 0): logits = h - gamma / beta."""
+    return -F.logsigmoid(beta * ((a - b) - gamma / beta))
+
+
+def test_orpo_and_simpo_equal_the_float64_formulas_and_trl():
+    """float32 inputs; the float64 formulas on the same values. Each loss is ~10 float32 operations of ~1 ulp
+    (6e-8) relative error each, so 1e-5 relative leaves >10x room; a wrong formula misses by O(1)."""
+    beta, gamma = 0.2, 0.5
+    a = torch.tensor([-1e-4, -0.3, -2.0, -25.0, -1.1], dtype=torch.float32)
+    b = torch.tensor([-0.2, -0.25, -30.0, -3.0, -1e-3], dtype=torch.float32)
+    orpo = preference_loss(a, b, "orpo", beta)
+    simpo = preference_loss(a, b, "simpo", beta, simpo_gamma=gamma)
+    for i, (x, y) in enumerate(zip(a.double().tolist(), b.double().tolist())):
+        assert orpo[i].item() == pytest.approx(orpo_float64(x, y, beta), rel=1e-5)
+        assert simpo[i].item() == pytest.approx(-math.log(1 / (1 + math.exp(-(beta * (x - y) - gamma)))), rel=1e-5)
+    # TRL computes the same functions (in float64, where its log1p(-exp(x)) is accurate at these inputs).
+    assert torch.allclose(orpo.double(), trl_orpo(a.double(), b.double(), beta), rtol=1e-5)
+    assert torch.allclose(simpo.double(), trl_cpo_simpo(a.double(), b.double(), beta, gamma), rtol=1e-5)
+    # A chosen response of probability close to 1: log1p(-exp(x)) loses the digits in float32, log(-expm1(x)) not.
+    near_one, other = torch.tensor([-1e-6]), torch.tensor([-0.5])
+    exact = orpo_float64(near_one.double().item(), -0.5, beta)
+    ours = preference_loss(near_one, other, "orpo", beta).item()
+    assert abs(ours - exact) < 1e-5 * abs(exact) < abs(trl_orpo(near_one, other, beta).item() - exact)
 
 
 # ---- response-only log-probabilities --------------------------------------------------------------------------
@@ -213,3 +255,78 @@ def test_reference_dpo_command_runs_unchanged(tiny_model, tmp_path):
     log = read_log(out)
     assert log[-1]["step"] == 2 and log[0]["loss"] == pytest.approx(math.log(2), abs=2e-2)  # bf16 autocast
     assert (out / "model.safetensors").exists() and (out / "training_loss.png").exists()
+
+
+# ---- reference-free losses end to end ---------------------------------------------------------------------------
+
+def run_in_process(script_main, argv, capsys):
+    """A training script's main as its command line runs it, in this process; returns (exit code, stderr lines)."""
+    import sys
+
+    from run_guard import run_main
+
+    old, sys.argv = sys.argv, ["script.py", *map(str, argv)]
+    try:
+        with pytest.raises(SystemExit) as stop:
+            run_main(script_main)
+            raise SystemExit(0)
+    finally:
+        sys.argv = old
+    return stop.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_orpo_runs_without_any_reference_model(tiny_model, tokenizer, tmp_path, monkeypatch, capsys):
+    """LoRA (whose reference would be the policy with its adapter disabled) and --base_loss dpo (whose reference
+    pairs would need reference log-probs): nothing that builds or runs a reference model may be called. The first
+    step's loss is the float64 ORPO formula of the initial model's length-averaged log-probabilities."""
+    import train_dpo_pg
+    from data_utils import StepSampler, collate_pairs, load_tokenized, padded_length
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a reference model was built or run")
+
+    for name in ("load_model", "prepare_reference_model", "AdapterDisabled", "reference_logps"):
+        monkeypatch.setattr(train_dpo_pg, name, forbidden)
+    out = tmp_path / "orpo"
+    code, errors = run_in_process(train_dpo_pg.main, dpo_args(
+        tiny_model, out, pref_loss="orpo", max_steps=1, max_samples=16, base_num_samples=8, finetuning_type="lora",
+        base_loss="dpo"), capsys)
+    assert code == 0, errors
+    args = SimpleNamespace(dataset_dir="data", max_samples=16, cutoff_len=2048, preprocessing_num_workers=1,
+                           template="qwen", strict_data=False, seed=42)
+    examples = load_tokenized("demo_safety_dpo", args, tokenizer, True, log=lambda *_: None)
+    sampler = StepSampler(len(examples), 4, 1, 0, 2, 42, lengths=[padded_length(e) for e in examples])
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)  # LoRA starts with B = 0: the policy is the base model
+    with torch.no_grad():
+        pairs = [pair_logps(model, collate_pairs([examples[i]], tokenizer.pad_token_id), True)[:2]
+                 for i in sampler.step_indices(0)]
+    expected = sum(orpo_float64(a.item(), b.item(), 0.2) for a, b in pairs) / len(pairs)
+    # One-pair vs batched forward passes differ by float32 rounding (~1e-6); a sum instead of a mean misses by O(1).
+    assert read_log(out)[0]["loss"] == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("extra", [{"ref_model": "some/model"}, {"precompute_ref_log_probs": True}])
+def test_reference_flags_with_a_reference_free_loss_are_refused(tiny_model, tmp_path, capsys, extra):
+    import train_dpo_pg
+
+    code, errors = run_in_process(train_dpo_pg.main, dpo_args(tiny_model, tmp_path / "run", pref_loss="simpo",
+                                                              **extra), capsys)
+    name = next(iter(extra))
+    assert code == 2 and len(errors) == 1 and errors[0].startswith(f"error: --{name} with --pref_loss simpo"), errors
+
+
+def test_orpo_refuses_cut_away_responses_and_simpo_gamma_needs_simpo():
+    from data_utils import DataError
+    from run_guard import UserError
+    from train_dpo_pg import check_orpo_pairs, check_preference_flags
+
+    check_orpo_pairs("d", [{"num_targets": 1, "num_targets_rejected": 2}], 16)
+    with pytest.raises(DataError, match="dataset 'd': --cutoff_len 16 cuts a response of 1 of its 2 pairs away"):
+        check_orpo_pairs("d", [{"num_targets": 1, "num_targets_rejected": 2}, {"num_targets": 3,
+                                                                               "num_targets_rejected": 0}], 16)
+    flags = dict(dpo_label_smoothing=0.0, ref_model=None, precompute_ref_log_probs=False)
+    check_preference_flags(SimpleNamespace(pref_loss="simpo", simpo_gamma=1.0, **flags))
+    with pytest.raises(UserError, match="--simpo_gamma applies to --pref_loss simpo only"):
+        check_preference_flags(SimpleNamespace(pref_loss="orpo", simpo_gamma=1.0, **flags))
