@@ -138,7 +138,8 @@ def make_accelerator(args):
 
 def check_inputs(args, datasets, candidates):
     """Before anything is loaded: every dataset is readable and not empty, every model is a causal language model,
-    the adapter is a PEFT adapter; each refused by name. Returns each model's config, by path."""
+    the adapter is a PEFT adapter of the model (train_utils.check_adapter_fits, on the model built without weights);
+    each refused by name. Returns each model's config, by path."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -161,6 +162,12 @@ def check_inputs(args, datasets, candidates):
         except (OSError, ValueError) as err:
             raise UserError(f"--adapter_name_or_path {args.adapter_name_or_path}: not an adapter in PEFT's format "
                             f"(adapter_config.json) ({first_line(err)})") from None
+        from transformers import AutoModelForCausalLM
+
+        path = next(path for path, adapter, _ in candidates if adapter)
+        with torch.device("meta"):  # the modules' shapes, no weights
+            skeleton = AutoModelForCausalLM.from_config(configs[path], trust_remote_code=args.trust_remote_code)
+        check_adapter_fits(skeleton, args.adapter_name_or_path, path)
     return configs
 
 
@@ -195,7 +202,6 @@ def load_eval_model(path, adapter, args, device):
     if adapter:
         from peft import PeftModel
 
-        check_adapter_fits(model, adapter, path)
         try:
             model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
         except (OSError, ValueError) as err:

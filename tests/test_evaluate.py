@@ -626,7 +626,6 @@ def test_refusals_name_this_scripts_flags(case, models, other_model, tmp_path, c
                                         f"{models['adapter']}"),
     }[case]
     code, err = run_in_process(argv + ["--output_dir", tmp_path / "out"], capsys)
-    err = [line for line in err if not line.startswith("Loading weights")]  # transformers' bar, in this process
     assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert "--finetuning_type" not in err[0] and "--export_merged" not in err[0]
     if case == "adapter of another model":  # training's load_policy, as train_sft_pg.py calls it
