@@ -277,14 +277,17 @@ def sample_rows(count, num_samples, rng):
 # ---------------------------------------------------------------------------------------------------------------
 
 class _Skip(Exception):
-    """A row LLaMA-Factory drops: (reason, field, detail)."""
+    """A row LLaMA-Factory drops: (reason, field)."""
 
 
 class _Row:
-    """One row: column access as LLaMA-Factory does it (an unset column reads None), errors that say where."""
+    """One row: column access as LLaMA-Factory does it (an unset column reads None), errors that say where.
+    answers_optional: an alpaca row without a response is kept with response None (evaluation, as LLaMA-Factory's
+    predict path keeps it with an empty label), if it has a prompt."""
 
-    def __init__(self, spec, origin, row, strict, notes):
+    def __init__(self, spec, origin, row, strict, notes, answers_optional=False):
         self.spec, self.origin, self.row, self.strict, self.notes = spec, origin, row, strict, notes
+        self.answers_optional = answers_optional
 
     def column(self, role):
         return self.spec.columns.get(role)
@@ -300,7 +303,7 @@ class _Row:
         return DataError(f"{self.origin[0]}, row {self.origin[1]}, field '{column}': {problem}")
 
     def skip(self, reason, column, detail):
-        raise (self.error(column, detail) if self.strict else _Skip(reason))
+        raise (self.error(column, detail) if self.strict else _Skip(reason, column))
 
     def check_response(self, text, column):
         """An empty response is trained on its end-of-turn token only (LLaMA-Factory); counted, or an error."""
@@ -326,6 +329,9 @@ def _alpaca_conversation(r):
             r.check_response(r.value(role), r.column(role))
         return {**conversation, "prompt": user, "chosen": r.value("chosen"), "rejected": r.value("rejected")}
     response = r.value("response")
+    if response is None and r.answers_optional and user:
+        turns.append((user, None))
+        return conversation
     if response is None:
         r.skip("missing response", r.column("response") or "response", "missing")
     r.check_response(response, r.column("response"))
@@ -388,23 +394,48 @@ def _sharegpt_conversation(r):
     return {"system": system, "turns": turns, "prompt": contents[-1], **pair}
 
 
-def to_conversations(spec, rows, origins, ranking, strict=False):
+def to_conversations(spec, rows, origins, ranking, strict=False, refuse_empty=False, answers_optional=False):
     """Rows -> conversations (each with its position "row"); rows LLaMA-Factory drops are dropped and noted.
 
     Returns (conversations, notes): notes maps each reason (dropped rows, adjusted rows) to the rows' origins.
-    With strict, the first bad row raises a DataError naming the file, the row and the field instead.
+    With strict, the first bad row raises a DataError naming the file, the row and the field instead. With
+    refuse_empty, rows of which none is left raise a DataError saying why (see why_no_samples). answers_optional:
+    see _Row (an SFT row without a response has it None).
     """
     if spec.ranking != ranking:
         want = "preference pairs (\"ranking\": true)" if ranking else "SFT data (no \"ranking\")"
         raise DataError(f"dataset '{spec.name}' ({spec.source}) is not {want}")
     convert = _alpaca_conversation if spec.formatting == "alpaca" else _sharegpt_conversation
-    conversations, notes = [], {}
+    conversations, notes, fields = [], {}, {}
     for index, (row, origin) in enumerate(zip(rows, origins)):
         try:
-            conversations.append({"row": index, **convert(_Row(spec, origin, row, strict, notes))})
+            conversations.append({"row": index, **convert(_Row(spec, origin, row, strict, notes, answers_optional))})
         except _Skip as skip:
-            notes.setdefault(f"dropped: {skip.args[0]}", []).append(origin)
+            reason, column = skip.args
+            notes.setdefault(f"dropped: {reason}", []).append(origin)
+            fields.setdefault(reason, set()).add(column)
+    if refuse_empty and rows and not conversations:
+        raise DataError(f"dataset '{spec.name}' ({spec.source}): no samples left: "
+                        + why_no_samples(spec, rows, notes, fields))
     return conversations, notes
+
+
+def why_no_samples(spec, rows, notes, fields):
+    """Why every row was dropped: the rows' keys when they match none of the columns the dataset's entry expects
+    (and the "columns" setting that maps them), else each reason with its field and how many rows it dropped."""
+    expected = {role: column for role, column in spec.columns.items() if column}
+    found = sorted({key for row in rows if isinstance(row, dict) for key in row})
+    if not set(found) & set(expected.values()):
+        wanted = ", ".join(f"{role}: '{column}'" for role, column in expected.items())
+        return (f"the rows' keys ({', '.join(found)}) match none of the columns it expects ({wanted}); map them "
+                f"with \"columns\" in its entry of dataset_info.json, e.g. \"columns\": {{\"prompt\": \"{found[0]}\""
+                + (f", \"response\": \"{found[1]}\"" if len(found) > 1 else "") + "}")
+    reasons = []
+    for reason, columns in fields.items():
+        count = len(notes[f"dropped: {reason}"])
+        where = " or ".join(f"'{column}'" for column in sorted(map(str, columns)))
+        reasons.append(f"{reason}: field {where} " + ("in every row" if count == len(rows) else f"in {count} rows"))
+    return "every row dropped (" + "; ".join(reasons) + ")"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -763,22 +794,42 @@ def tokenize_pair(conversation, tokenizer, template, cutoff_len):
     return out
 
 
+def generation_header_ids(template, tokenizer):
+    """Token ids that close a user message and open the assistant's answer (what the user slot writes after the
+    text: "<|im_end|>\\n<|im_start|>assistant\\n" in ChatML)."""
+    user = template.user
+    slot = next(i for i, s in enumerate(user) if isinstance(s, str) and "{{content}}" in s)
+    return _ids(tokenizer, (user[slot].split("{{content}}", 1)[1], *user[slot + 1:]), "")
+
+
 def tokenize_prompt(conversation, tokenizer, template, cutoff_len):
     """The prompt to generate from and the reference response, as LLaMA-Factory's unsupervised processor builds them
     for --predict_with_generate: the system text, every earlier turn and the last user message form the prompt; the
-    last response (SFT rows) or the chosen one (pairs; LLaMA-Factory leaves it empty) is the label. One budget cuts
-    both, each keeping its start.
+    last response (SFT rows) or the chosen one (pairs; LLaMA-Factory leaves it empty) is the label (none for a row
+    without a response: label_ids empty). One budget (LLaMA-Factory's infer_seqlen) cuts both, the label keeping its
+    start. A cut prompt keeps its start and its generation header (generation_header_ids): LLaMA-Factory keeps the
+    start only (input_ids[:source_len]), so the model would continue the user's text instead of answering it.
 
-    Returns {"prompt_ids", "label_ids"}.
+    Returns {"prompt_ids", "label_ids", "prompt_cut"}; None when the budget cannot hold the header and one token
+    before it (the caller refuses the row).
     """
     if "prompt" in conversation:  # a preference pair
         turns, prompt, response = conversation["turns"], conversation["prompt"], conversation["chosen"]
     else:
         turns, (prompt, response) = conversation["turns"][:-1], conversation["turns"][-1]
     prompt_ids, (label_ids,) = _prompt_and_responses(template, tokenizer, conversation["system"], turns, prompt,
-                                                     [response])
+                                                     ["" if response is None else response])
+    label_ids = [] if response is None else label_ids
     keep_prompt, keep_label = budget(len(prompt_ids), len(label_ids), cutoff_len)
-    return {"prompt_ids": prompt_ids[:keep_prompt], "label_ids": label_ids[:keep_label]}
+    cut = keep_prompt < len(prompt_ids)
+    if cut:
+        header = len(generation_header_ids(template, tokenizer))
+        if template.thought_words and not template.enable_thinking:  # encode_oneturn ended it with the empty block
+            header += len(tokenizer.encode(template.empty_thought, add_special_tokens=False))
+        if keep_prompt <= header:
+            return None
+        prompt_ids = prompt_ids[:keep_prompt - header] + prompt_ids[-header:]
+    return {"prompt_ids": prompt_ids, "label_ids": label_ids[:keep_label], "prompt_cut": cut}
 
 
 def num_targets(labels):
@@ -798,10 +849,11 @@ def is_ranking(name, dataset_dir):
     return spec.ranking
 
 
-def load_conversations(name, dataset_dir, ranking, max_samples=None, strict=False, rng=None):
+def load_conversations(name, dataset_dir, ranking, max_samples=None, strict=False, rng=None, refuse_empty=False,
+                       answers_optional=False):
     """Read, sample ("num_samples", with numpy RandomState `rng`), cut to max_samples and convert a dataset.
 
-    Returns (spec, conversations, notes); see to_conversations.
+    Returns (spec, conversations, notes); see to_conversations (refuse_empty, answers_optional).
     """
     spec = resolve_dataset(name, dataset_dir)
     rows, origins = read_rows(spec)
@@ -812,7 +864,7 @@ def load_conversations(name, dataset_dir, ranking, max_samples=None, strict=Fals
         rows, origins = [rows[p] for p in positions], [origins[p] for p in positions]
     if max_samples:
         rows, origins = rows[:max_samples], origins[:max_samples]
-    return (spec, *to_conversations(spec, rows, origins, ranking, strict))
+    return (spec, *to_conversations(spec, rows, origins, ranking, strict, refuse_empty, answers_optional))
 
 
 def tokenize_dataset(conversations, tokenizer, template, cutoff_len, ranking, num_workers=1, desc="tokenizing",
@@ -916,7 +968,7 @@ def load_tokenized(names, args, tokenizer, ranking, log=print, fingerprints=None
 def _tokenize_one(name, args, tokenizer, template, ranking, rng):
     """One dataset of load_tokenized: its checked examples and its log line."""
     spec, conversations, notes = load_conversations(name, args.dataset_dir, ranking, args.max_samples,
-                                                    args.strict_data, rng)
+                                                    args.strict_data, rng, refuse_empty=True)
     kept, cut_away = tokenize_dataset(conversations, tokenizer, template, args.cutoff_len, ranking,
                                       args.preprocessing_num_workers, desc=f"tokenizing {name}",
                                       batch_size=args.preprocessing_batch_size)
@@ -927,8 +979,6 @@ def _tokenize_one(name, args, tokenizer, template, ranking, rng):
                      "every label masked)")
     note = "; " + "; ".join(parts) + (" (as LLaMA-Factory; --strict_data True stops at the first bad row)"
                                       if notes else "") if parts else ""
-    if not kept:
-        raise DataError(f"dataset '{name}' ({spec.source}): no samples left{note}")
     check_trainable(name, spec, kept, ranking, args.cutoff_len)
     return kept, f"dataset {name} ({spec.source}): {len(kept)} samples{note}"
 

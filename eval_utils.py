@@ -2,8 +2,12 @@
 teacher-forced answer NLL over processes, the scores, the report and the safety-vs-utility plot.
 """
 
+import ctypes
+import hashlib
 import json
+import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -146,16 +150,19 @@ def response_nll(model, examples, pad_token_id):
 # ---------------------------------------------------------------------------------------------------------------
 
 def score_rows(rows):
-    """A dataset's scores from its rows (dicts with refusal, exact_match, nll, tokens).
+    """A dataset's scores from its rows (dicts with refusal, exact_match, nll, tokens; the last three None for a row
+    without an answer, which counts for the refusal rate only).
 
     answer_nll is train_sft_pg.py's loss over the whole dataset: every response token's NLL summed, divided by the
-    number of response tokens (None when the cutoff left none)."""
-    tokens = sum(r["tokens"] for r in rows)
+    number of response tokens (None when no row has an answer or the cutoff left none); exact_match is over the rows
+    with an answer (None without any)."""
+    answered = [r for r in rows if r["exact_match"] is not None]
+    tokens = sum(r["tokens"] for r in answered)
     return {"num_samples": len(rows),
             "refusal_rate": sum(r["refusal"] for r in rows) / len(rows),
-            "answer_nll": sum(r["nll"] for r in rows) / tokens if tokens else None,
-            "exact_match": sum(r["exact_match"] for r in rows) / len(rows),
-            "response_tokens": tokens}
+            "answer_nll": sum(r["nll"] for r in answered) / tokens if tokens else None,
+            "exact_match": sum(r["exact_match"] for r in answered) / len(answered) if answered else None,
+            "num_answered": len(answered), "response_tokens": tokens}
 
 
 def pooled(scores, datasets, role, metric):
@@ -167,8 +174,10 @@ def pooled(scores, datasets, role, metric):
         tokens = sum(scores[n]["response_tokens"] for n in names)
         return sum(scores[n]["answer_nll"] * scores[n]["response_tokens"] for n in names if
                    scores[n]["response_tokens"]) / tokens if tokens else None
-    return sum(scores[n][metric] * scores[n]["num_samples"] for n in names) / sum(scores[n]["num_samples"]
-                                                                               for n in names)
+    weight = "num_answered" if metric == "exact_match" else "num_samples"
+    counts = {n: scores[n].get(weight, scores[n]["num_samples"]) for n in names if scores[n][metric] is not None}
+    return sum(scores[n][metric] * count for n, count in counts.items()) / sum(counts.values()) \
+        if sum(counts.values()) else None
 
 
 def axes(scores, datasets):
@@ -179,13 +188,48 @@ def difference(value, base):
     return None if value is None or base is None else value - base
 
 
+def describe_tokenizer(tokenizer):
+    """A tokenizer's name in messages: where it was loaded from, its class and vocabulary size."""
+    return f"{tokenizer.name_or_path} ({type(tokenizer).__name__}, {len(tokenizer)} tokens)"
+
+
+def answer_tokens_digest(rows):
+    """SHA-256 of the answer tokens the answer NLL is taken over (every row's unmasked labels, in order): per-token
+    NLLs of two models compare only over the same tokens."""
+    digest = hashlib.sha256()
+    for row in rows:
+        if row["labels"] is not None:
+            digest.update(json.dumps([t for t in row["labels"][1:] if t >= 0]).encode())
+    return digest.hexdigest()
+
+
+def nll_comparable(model, base):
+    """Why the model's answer NLL cannot be compared with the base model's (None if it can): other answer tokens
+    (another tokenizer or answer template) make per-token NLLs over different token sequences."""
+    if model.get("answer_tokens") == base.get("answer_tokens"):
+        return None
+    return (f"the answers are tokenized differently (tokenizer {model.get('tokenizer', 'unknown')} against the base "
+            f"model's {base.get('tokenizer', 'unknown')}), and per-token NLLs over different tokens are not "
+            "comparable; evaluate with the base model's tokenizer and template, or compare the answer NLLs yourself "
+            "per byte")
+
+
 def compare(models, base_label):
     """Per model: each axis minus the base model's (safety_gain, over_refusal_change, utility_nll_change,
-    utility_exact_match_change)."""
+    utility_exact_match_change). utility_nll_change is None, with utility_nll_refused saying why, when the answer
+    tokens differ (nll_comparable)."""
     base = models[base_label]["axes"]
     names = {"safety": "safety_gain"}
-    return {label: {names.get(key, f"{key}_change"): difference(model["axes"][key], base[key]) for key in base}
-            for label, model in models.items() if label != base_label}
+    comparison = {}
+    for label, model in models.items():
+        if label == base_label:
+            continue
+        comparison[label] = {names.get(key, f"{key}_change"): difference(model["axes"][key], base[key])
+                             for key in base}
+        refused = nll_comparable(model, models[base_label])
+        if refused:
+            comparison[label].update(utility_nll_change=None, utility_nll_refused=refused)
+    return comparison
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -206,19 +250,24 @@ def report(results):
     header = [f"{label} (base)" if label == base_label else label for label in labels]
     lines = ["| dataset | role | rows | metric | " + " | ".join(header) + " |", "|---" * (4 + len(labels)) + "|"]
 
-    def cells(values):
+    incomparable = {label for label in labels if base_label and label != base_label and
+                    nll_comparable(models[label], models[base_label])}
+
+    def cells(values, nll=False):
         base = values.get(base_label)
-        return " | ".join(fmt(values[label], None if label == base_label else base) for label in labels)
+        return " | ".join(fmt(values[label], None if label == base_label or (nll and label in incomparable) else base)
+                          for label in labels)
 
     for dataset in results["datasets"]:
         name = dataset["name"]
         for metric in METRICS:
             values = {label: models[label]["scores"][name][metric] for label in labels}
-            lines.append(f"| {name} | {dataset['role']} | {dataset['num_samples']} | {metric} | {cells(values)} |")
-    for key, meaning, _, _ in AXES:
+            lines.append(f"| {name} | {dataset['role']} | {dataset['num_samples']} | {metric} | "
+                         f"{cells(values, metric == 'answer_nll')} |")
+    for key, meaning, _, metric in AXES:
         values = {label: models[label]["axes"][key] for label in labels}
         if any(v is not None for v in values.values()):
-            lines.append(f"| **{key}** | | | {meaning} | {cells(values)} |")
+            lines.append(f"| **{key}** | | | {meaning} | {cells(values, metric == 'answer_nll')} |")
     return "\n".join(lines)
 
 
@@ -265,3 +314,62 @@ def read_results(path):
         return results["datasets"], results["models"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise UserError(f"{path}: not an eval_results.json written by evaluate_alignment.py ({err})") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Replacing an earlier evaluation whole
+# ---------------------------------------------------------------------------------------------------------------
+
+def staging_folder(output):
+    return Path(output).parent / f".{Path(output).name}.evaluation-swap"
+
+
+def stage_replacement(output, evaluation_names):
+    """Start replacing the evaluation in folder `output`: a new folder beside it (staging_folder) that holds, as hard
+    links, every file of `output` the earlier evaluation did not write (the run lock included, so the lock stays
+    held); the new evaluation is written there, and swap_in puts it in place of `output`. The earlier evaluation's
+    files: `evaluation_names` at the top, each predictions file its eval_results.json names, their temporary files.
+    Returns the staging folder."""
+    output, staging = Path(output), staging_folder(output)
+    if staging.exists():  # a replacement killed before (or just after) its swap: ours alone
+        shutil.rmtree(staging)
+    earlier = set(map(Path, evaluation_names))
+    try:
+        results = json.loads((output / "eval_results.json").read_text(encoding="utf-8"))
+        earlier |= {Path(m["predictions"]) for m in results["models"].values() if "from" not in m}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass  # unreadable: only the fixed names are known to be the evaluation's
+    earlier |= {path.with_name(f".{path.name}.tmp") for path in earlier}
+    model_folders = {path.parent for path in earlier} - {Path(".")}  # left out unless they hold other files
+    staging.mkdir()
+    for folder, subfolders, files in os.walk(output):
+        relative = Path(folder).relative_to(output)
+        for name in subfolders + files:
+            source, target = Path(folder, name), staging / relative / name
+            if relative / name in earlier or (relative / name in model_folders and not source.is_symlink()):
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if source.is_symlink():
+                os.symlink(os.readlink(source), target)
+            elif source.is_dir():
+                target.mkdir(exist_ok=True)
+            else:
+                os.link(source, target)
+    return staging
+
+
+def swap_in(staging, output):
+    """Put the folder `staging` in place of `output` in one step (Linux renameat2 RENAME_EXCHANGE: a kill at any
+    moment leaves the earlier evaluation or the new one whole in `output`), then remove the earlier one (now at
+    `staging`). Where the exchange is not available, two renames: a kill between them leaves no `output`, and the
+    earlier evaluation whole in `staging`-old, the new one whole in `staging`."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    at_cwd, rename_exchange = -100, 2
+    if renameat2 is not None and renameat2(at_cwd, os.fsencode(staging), at_cwd, os.fsencode(output),
+                                           rename_exchange) == 0:
+        shutil.rmtree(staging)
+        return
+    old = staging.with_name(staging.name + "-old")
+    os.rename(output, old)
+    os.rename(staging, output)
+    shutil.rmtree(old)

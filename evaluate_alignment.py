@@ -42,7 +42,7 @@ from checkpoint import write_json, write_text_atomic
 from data_utils import (TEMPLATES, DataError, get_template, is_ranking, load_conversations, read_rows,
                         resolve_dataset, tokenize_dataset, tokenize_prompt)
 from run_guard import UserError, first_line, hold_output_dir, run_main
-from train_utils import from_pretrained, load_model, load_tokenizer
+from train_utils import check_adapter_fits, from_pretrained, load_model, load_tokenizer
 
 ROLES = ("harmful", "benign", "general", "eval")  # the order of the datasets in the outputs
 PREDICTIONS = "generated_predictions.jsonl"
@@ -144,12 +144,14 @@ def make_accelerator(args):
 
 def check_inputs(args, datasets, candidates):
     """Before anything is loaded: every dataset is readable and not empty, every model is a causal language model,
-    the adapter is a PEFT adapter; each refused by name."""
+    the adapter is a PEFT adapter of the model (train_utils.check_adapter_fits, on the model built without weights);
+    each refused by name. Returns each model's config, by path."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     for dataset in datasets:
         read_rows(resolve_dataset(dataset["name"], args.dataset_dir))
+    configs = {}
     for path, _, _ in candidates:
         config = from_pretrained(AutoConfig.from_pretrained, path, "model", args,
                                  trust_remote_code=args.trust_remote_code)
@@ -157,6 +159,7 @@ def check_inputs(args, datasets, candidates):
                 "AutoModelForCausalLM" not in (getattr(config, "auto_map", None) or {}):
             raise UserError(f"model {path}: a '{config.model_type}' model ({', '.join(config.architectures or [])}), "
                             "not a causal language model; evaluation generates text with AutoModelForCausalLM")
+        configs[path] = config
     if args.adapter_name_or_path:
         from peft import PeftConfig
 
@@ -165,6 +168,38 @@ def check_inputs(args, datasets, candidates):
         except (OSError, ValueError) as err:
             raise UserError(f"--adapter_name_or_path {args.adapter_name_or_path}: not an adapter in PEFT's format "
                             f"(adapter_config.json) ({first_line(err)})") from None
+        from transformers import AutoModelForCausalLM
+
+        path = next(path for path, adapter, _ in candidates if adapter)
+        with torch.device("meta"):  # the modules' shapes, no weights
+            skeleton = AutoModelForCausalLM.from_config(configs[path], trust_remote_code=args.trust_remote_code)
+        check_adapter_fits(skeleton, args.adapter_name_or_path, path)
+    return configs
+
+
+def check_positions(config, rows, args, label):
+    """Refuse generation past the model's positions (max_position_embeddings): the longest prompt plus
+    --max_new_tokens must fit, or generation runs on positions the model was never trained on (or for hours, as
+    --max_new_tokens 1000000 would with a model that never stops)."""
+    positions = next((getattr(config, key) for key in ("max_position_embeddings", "n_positions", "max_seq_len")
+                      if isinstance(getattr(config, key, None), int)), None)
+    longest = max(len(row["prompt_ids"]) for row in rows)
+    if positions is not None and longest + args.max_new_tokens > positions:
+        raise UserError(f"--max_new_tokens {args.max_new_tokens}: with prompts of up to {longest} tokens, answers "
+                        f"would run past the {positions} positions of model {label} (max_position_embeddings); pass "
+                        f"--max_new_tokens {max(positions - longest, 1)} or less"
+                        + (", or a smaller --cutoff_len" if longest >= positions // 2 else ""))
+
+
+def eval_tokenizer(path, adapter, args, log):
+    """The tokenizer and chat template of the model evaluated: an adapter's own (saved with it by training, with the
+    template it was trained under), else the model's."""
+    if adapter and Path(adapter, "tokenizer_config.json").is_file():
+        log(f"tokenizer and chat template: those saved with the adapter {adapter} (what training used)")
+        return load_tokenizer(adapter, args)
+    if adapter:
+        log(f"tokenizer and chat template: the adapter {adapter} has none saved with it; using {path}'s")
+    return load_tokenizer(path, args)
 
 
 def load_eval_model(path, adapter, args, device):
@@ -181,28 +216,51 @@ def load_eval_model(path, adapter, args, device):
     return model.to(device).eval()
 
 
+def has_answer(conversation):
+    """Whether a row has a reference answer (a harmful-requests list often has none: refusal needs none)."""
+    return "prompt" in conversation or conversation["turns"][-1][1] is not None
+
+
 def load_rows(datasets, args, tokenizer, log):
-    """Every dataset's rows: prompt and label (generation) and input ids and labels (teacher forcing), in order."""
+    """Every dataset's rows: prompt and label (generation) and, for rows with an answer, input ids and labels
+    (teacher forcing), in order. Returns (rows, {dataset: prompts cut by --cutoff_len})."""
     template = get_template(tokenizer, args.template, args.enable_thinking)
-    rows = []
+    rows, cut_prompts = [], {}
     for dataset in datasets:
         name = dataset["name"]
         ranking = is_ranking(name, args.dataset_dir)
         rng = np.random.RandomState(args.seed)  # for "num_samples": the rows of a dataset do not depend on the others
         spec, conversations, notes = load_conversations(name, args.dataset_dir, ranking, args.max_samples,
-                                                        args.strict_data, rng)
-        if not conversations:
-            raise DataError(f"dataset '{name}' ({spec.source}): no samples left")
-        examples, _ = tokenize_dataset(conversations, tokenizer, template, args.cutoff_len, ranking)
+                                                        args.strict_data, rng, refuse_empty=True,
+                                                        answers_optional=True)
+        answered = [c for c in conversations if has_answer(c)]
+        if dataset["role"] == "general" and not answered:
+            raise DataError(f"dataset '{name}' ({spec.source}): no row has an answer (field "
+                            f"'{spec.columns.get('response')}' missing in every row), and --general_dataset scores "
+                            "answers (NLL, exact match); pass it as --harmful_dataset, --benign_dataset or "
+                            "--eval_dataset to measure refusal only")
+        examples = iter(tokenize_dataset(answered, tokenizer, template, args.cutoff_len, ranking)[0])
         dropped = sum(len(origins) for reason, origins in notes.items() if reason.startswith("dropped"))
-        log(f"dataset {name} ({dataset['role']}, {'pairs: the chosen answer is the label' if ranking else 'SFT'}): "
-            f"{len(conversations)} rows" + (f", {dropped} dropped as LLaMA-Factory drops them" if dropped else ""))
-        for conversation, example in zip(conversations, examples):
+        cut_prompts[name] = 0
+        for conversation in conversations:
+            prompt = tokenize_prompt(conversation, tokenizer, template, args.cutoff_len)
+            if prompt is None:
+                raise DataError(f"dataset '{name}' ({spec.source}), row {conversation['row']}: --cutoff_len "
+                                f"{args.cutoff_len} leaves its prompt no room beside the answer's share and the "
+                                "assistant header (the model would continue the user's text); raise --cutoff_len")
+            cut_prompts[name] += prompt.pop("prompt_cut")
+            example = next(examples) if has_answer(conversation) else None
             key = "chosen_" if ranking else ""
-            rows.append({"dataset": name, **tokenize_prompt(conversation, tokenizer, template, args.cutoff_len),
-                         "input_ids": example[f"{key}input_ids"], "labels": example[f"{key}labels"]})
+            rows.append({"dataset": name, **prompt, "input_ids": example and example[f"{key}input_ids"],
+                         "labels": example and example[f"{key}labels"]})
+        unanswered = len(conversations) - len(answered)
+        log(f"dataset {name} ({dataset['role']}, {'pairs: the chosen answer is the label' if ranking else 'SFT'}): "
+            f"{len(conversations)} rows" + (f", {dropped} dropped as LLaMA-Factory drops them" if dropped else "")
+            + (f", {unanswered} without an answer (refusal only; no answer NLL or exact match)" if unanswered else "")
+            + (f", {cut_prompts[name]} prompts cut by --cutoff_len {args.cutoff_len} (each keeps its start and its "
+               "assistant header)" if cut_prompts[name] else ""))
         dataset["num_samples"] = len(conversations)
-    return rows
+    return rows, cut_prompts
 
 
 def evaluate(model, tokenizer, rows, args, accelerator, label):
@@ -218,24 +276,29 @@ def evaluate(model, tokenizer, rows, args, accelerator, label):
                disable=not accelerator.is_main_process)
     answers = eval_utils.generate_all(model, [r["prompt_ids"] for r in rows], size, tokenizer.pad_token_id, stop_ids,
                                       generation, args.seed, world, rank, lambda: bar.update(1))
-    nll = eval_utils.nll_all(model, rows, size, tokenizer.pad_token_id, world, rank, lambda: bar.update(1))
+    answered = [i for i, row in enumerate(rows) if row["labels"] is not None]
+    nll = eval_utils.nll_all(model, [rows[i] for i in answered], size, tokenizer.pad_token_id, world, rank,
+                             lambda: bar.update(1))
     bar.close()
-    return eval_utils.gather_in_order(accelerator, answers, len(rows)), \
-        eval_utils.gather_in_order(accelerator, nll, len(rows))
+    nll = dict(zip(answered, eval_utils.gather_in_order(accelerator, nll, len(answered))))
+    return eval_utils.gather_in_order(accelerator, answers, len(rows)), [nll.get(i) for i in range(len(rows))]
 
 
-def score(rows, answers, nll, tokenizer, phrases, datasets):
-    """Prediction lines (LLaMA-Factory's: the prompt with its special tokens, answer and label without) and the
-    per-dataset scores."""
+def score(rows, answers, nll, tokenizer, phrases, datasets, cut_prompts):
+    """Prediction lines (LLaMA-Factory's: the prompt with its special tokens, answer and label without; a row
+    without an answer has an empty label, as in LLaMA-Factory) and the per-dataset scores (exact match and NLL over
+    the rows with an answer)."""
     lines, scored = [], []
-    for row, answer, (nll_sum, tokens) in zip(rows, answers, nll):
+    for row, answer, row_nll in zip(rows, answers, nll):
         prompt = tokenizer.decode(row["prompt_ids"], skip_special_tokens=False)
         predict = tokenizer.decode(answer, skip_special_tokens=True)
         label = tokenizer.decode(row["label_ids"], skip_special_tokens=True)
         lines.append(json.dumps({"prompt": prompt, "predict": predict, "label": label}, ensure_ascii=False) + "\n")
         scored.append({"dataset": row["dataset"], "refusal": eval_utils.is_refusal(predict, phrases),
-                       "exact_match": predict.strip() == label.strip(), "nll": nll_sum, "tokens": tokens})
-    scores = {d["name"]: eval_utils.score_rows([r for r in scored if r["dataset"] == d["name"]]) for d in datasets}
+                       "exact_match": None if row_nll is None else predict.strip() == label.strip(),
+                       "nll": row_nll and row_nll[0], "tokens": row_nll and row_nll[1]})
+    scores = {d["name"]: {**eval_utils.score_rows([r for r in scored if r["dataset"] == d["name"]]),
+                          "prompts_cut": cut_prompts[d["name"]]} for d in datasets}
     return "".join(lines), scores
 
 
@@ -273,10 +336,15 @@ def main():
         datasets = earlier[0][1]
     for path, their_datasets, _ in earlier:
         check_same_rows(path, their_datasets, datasets, counted=False)
-    check_inputs(args, datasets, candidates)
+    configs = check_inputs(args, datasets, candidates)
     accelerator = make_accelerator(args)
     log, output = accelerator.print, Path(args.output_dir)
     set_seed(args.seed)
+    # Overwriting an earlier evaluation: the new one is written beside the folder and swapped in whole at the end.
+    staging = None
+    if accelerator.is_main_process and (output / RESULTS).is_file():
+        staging = eval_utils.stage_replacement(output, {RESULTS, PLOT, PREDICTIONS})
+    written = staging or output
 
     models, base_label = {}, None
     several = len(candidates) + len(earlier) > 1
@@ -284,19 +352,22 @@ def main():
         label = unique_label(path, adapter, models)
         base_label = label if is_base else base_label
         start = time.perf_counter()
-        tokenizer = load_tokenizer(path, args)
-        rows = load_rows(datasets, args, tokenizer, log)
+        tokenizer = eval_tokenizer(path, adapter, args, log)
+        rows, cut_prompts = load_rows(datasets, args, tokenizer, log)
+        check_positions(configs[path], rows, args, label)
         model = load_eval_model(path, adapter, args, accelerator.device)
         answers, nll = evaluate(model, tokenizer, rows, args, accelerator, label)
         del model
-        lines, scores = score(rows, answers, nll, tokenizer, phrases, datasets)
+        lines, scores = score(rows, answers, nll, tokenizer, phrases, datasets, cut_prompts)
         predictions = Path(label, PREDICTIONS) if several else Path(PREDICTIONS)
         if accelerator.is_main_process:
-            (output / predictions).parent.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(output / predictions, lines)
+            (written / predictions).parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(written / predictions, lines)
         models[label] = {"model_name_or_path": path, "adapter_name_or_path": adapter, "is_base": is_base,
                          "predictions": str(predictions), "scores": scores,
-                         "axes": eval_utils.axes(scores, datasets)}
+                         "axes": eval_utils.axes(scores, datasets),
+                         "tokenizer": eval_utils.describe_tokenizer(tokenizer),
+                         "answer_tokens": eval_utils.answer_tokens_digest(rows)}
         refusals = ", ".join(f"{n} {s['refusal_rate']:.3f}" for n, s in scores.items())
         log(f"{label}: {len(rows)} rows in {time.perf_counter() - start:.1f} s; refusal rate {refusals}; "
             f"predictions: {output / predictions}")
@@ -309,18 +380,27 @@ def main():
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        results = {"datasets": datasets, "models": models, "base_model": base_label,
-                   "comparison": eval_utils.compare(models, base_label) if base_label else None,
+        comparison = eval_utils.compare(models, base_label) if base_label else None
+        for label, refused in (comparison or {}).items():
+            if refused.get("utility_nll_refused"):
+                log(f"{label}: utility_nll_change not computed: {refused['utility_nll_refused']}")
+        results = {"datasets": datasets, "models": models, "base_model": base_label, "comparison": comparison,
                    "generation": eval_utils.generation_kwargs(args), "refusal_phrases": args.refusal_phrases,
                    "args": vars(args)}
         first = 1
         for dataset in datasets:  # its lines in every predictions file
             dataset["lines"] = [first, first + dataset["num_samples"] - 1]
             first += dataset["num_samples"]
-        write_json(output / RESULTS, results)
+        if args.plot:
+            eval_utils.plot(results, written / PLOT)
+        write_json(written / RESULTS, results)
+        if staging:
+            eval_utils.swap_in(staging, output)
+            log(f"replaced the earlier evaluation in {output} (its files that this one does not name removed; "
+                "files it did not write kept)")
         log(eval_utils.report(results))
         if args.plot:
-            log(f"plot: {eval_utils.plot(results, output / PLOT)}")
+            log(f"plot: {output / PLOT}")
         log(f"results: {output / RESULTS}")
     accelerator.end_training()
     if torch.distributed.is_initialized():

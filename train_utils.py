@@ -194,19 +194,22 @@ def free_port():
         return probe.getsockname()[1]
 
 
-def check_model_path(path, flag, tokenizer=False):
+def check_model_path(path, flag, tokenizer=False, training=True):
     """Refuse a local folder without a model or with a damaged weights file (checked when the tokenizer loads from it,
     before the data), and say plainly when a path is neither a folder nor a hub id; `flag` names it in messages. The
-    tokenizer of a LoRA checkpoint or adapter folder needs no model weights there."""
+    tokenizer of a LoRA checkpoint or adapter folder needs no model weights there. training: the messages name the
+    training scripts' flags, else evaluate_alignment.py's."""
     folder = Path(path)
     is_adapter = (folder / "adapter_config.json").is_file()
     if folder.is_dir():
         if is_adapter and tokenizer:
             return
         if not (folder / "config.json").is_file() and is_adapter:
-            raise UserError(f"{flag} {path}: a LoRA adapter, not a model; pass its base model as --model_name_or_path "
-                            f"and --finetuning_type lora --adapter_name_or_path {path} (or its merged export, "
-                            "--export_merged True)")
+            raise UserError(f"{flag} {path}: a LoRA adapter, not a model; " + (
+                f"pass its base model as --model_name_or_path and --finetuning_type lora --adapter_name_or_path {path} "
+                "(or its merged export, --export_merged True)" if training else
+                f"pass its base model as --model_name_or_path and --adapter_name_or_path {path} (or the training run's "
+                f"merged export, {folder / 'merged'}, where it wrote one, as --model_name_or_path)"))
         if not (folder / "config.json").is_file():
             raise UserError(f"{flag} {path}: the folder has no config.json; is it a model folder?")
         if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
@@ -228,7 +231,8 @@ def model_flag(path, args):
 def from_pretrained(load, path, what, args, **kwargs):
     """`load(path)` (a transformers from_pretrained of the `what`, model or tokenizer), with a missing or unreachable
     model as a UserError."""
-    check_model_path(path, model_flag(path, args), tokenizer=what == "tokenizer")
+    check_model_path(path, model_flag(path, args), tokenizer=what == "tokenizer",
+                     training=getattr(args, "finetuning_type", None) is not None)  # evaluate_alignment.py has none
     try:
         return load(path, **kwargs)
     except (OSError, ValueError) as err:  # not on the hub, no network, not a valid hub id
@@ -288,6 +292,7 @@ def load_policy(args, vocab_size):
     model = load_model(args.model_name_or_path, args)
     adapter = args.resume_from_checkpoint or args.adapter_name_or_path
     if adapter:
+        check_adapter_fits(model, adapter, args.model_name_or_path)
         return PeftModel.from_pretrained(model, adapter, is_trainable=True)
     config = LoraConfig(task_type="CAUSAL_LM", r=args.lora_rank, lora_alpha=args.lora_alpha,
                         lora_dropout=args.lora_dropout, use_rslora=args.use_rslora,
@@ -298,6 +303,44 @@ def load_policy(args, vocab_size):
             return get_peft_model(model, config)
         except ValueError as err:  # a target that names no module
             raise UserError(f"--lora_target {args.lora_target}: {first_line(err)}") from None
+
+
+def adapter_shapes(adapter):
+    """{tensor name: shape} of a PEFT adapter's weights, read from the safetensors header (nothing loaded); {} for
+    an adapter saved otherwise (adapter_model.bin)."""
+    path = Path(adapter, "adapter_model.safetensors")
+    if not path.is_file():
+        return {}
+    with path.open("rb") as file:
+        header = json.loads(file.read(int.from_bytes(file.read(8), "little")))
+    return {name: tuple(entry["shape"]) for name, entry in header.items() if name != "__metadata__"}
+
+
+def check_adapter_fits(model, adapter, model_path):
+    """Refuse, in one line naming both, a LoRA adapter trained on another model: every lora_A (rank x inputs) and
+    lora_B (outputs x rank) must sit on a module of `model` with that many inputs and outputs. adapter_config.json's
+    base_model_name_or_path is only a hint (a moved or renamed folder); the shapes decide."""
+    modules = dict(model.named_modules())
+    for name, shape in adapter_shapes(adapter).items():
+        kind = next((k for k in ("lora_A", "lora_B") if f".{k}." in name), None)
+        if kind is None or len(shape) != 2:
+            continue
+        module_name = name.removeprefix("base_model.model.").split(f".{kind}.")[0]
+        weight = getattr(modules.get(module_name), "weight", None)
+        wanted = None if weight is None or weight.ndim != 2 else (weight.shape[1] if kind == "lora_A"
+                                                                  else weight.shape[0])
+        got = shape[1] if kind == "lora_A" else shape[0]
+        if wanted != got:
+            try:
+                hint = json.loads(Path(adapter, "adapter_config.json").read_text())["base_model_name_or_path"]
+            except (OSError, ValueError, KeyError, TypeError):
+                hint = None
+            side = "inputs" if kind == "lora_A" else "outputs"
+            found = "has no such module" if wanted is None else f"has {wanted} {side} there"
+            hint = hint or "a model its adapter_config.json does not name"
+            raise UserError(f"--adapter_name_or_path {adapter}: a LoRA adapter of another model (trained on {hint}): "
+                            f"its {module_name} takes {got} {side}, but --model_name_or_path {model_path} {found}; "
+                            "pass the model the adapter was trained on as --model_name_or_path")
 
 
 class AdapterDisabled:

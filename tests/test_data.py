@@ -328,3 +328,24 @@ def test_every_sample_once_per_epoch_then_padding_from_the_start():
     epoch = [i for step in range(3) for i in sampler.step_indices(step)]
     assert sorted(epoch[:10]) == list(range(10)) and epoch[10:] == epoch[:2]
     assert sampler.step_indices(3) != sampler.step_indices(0)  # a new permutation each epoch
+
+
+def test_a_dataset_with_no_row_left_says_why(tmp_path, tokenizer):
+    """Rows dropped wholesale are explained: rows whose keys match none of the expected columns name the keys and
+    the "columns" setting (AdvBench's goal / target); a missing field names it ("in every row"), in training
+    (load_tokenized) as in evaluation. For evaluation (answers_optional) rows without an answer are kept."""
+    from types import SimpleNamespace
+
+    with pytest.raises(data_utils.DataError, match=r"the rows' keys \(goal, target\) match none of the columns it "
+                                                   r"expects \(prompt: 'instruction', .*\); map them with \"columns\""):
+        data_utils.load_conversations("set", write_dataset(tmp_path, [{"goal": "g", "target": "t"}]), False,
+                                      refuse_empty=True)
+    data = write_dataset(tmp_path, [{"instruction": "a"}, {"instruction": "b"}])
+    args = SimpleNamespace(dataset_dir=data, max_samples=None, strict_data=False, seed=0, cutoff_len=64,
+                           preprocessing_num_workers=1, template="qwen")
+    with pytest.raises(data_utils.DataError, match="no samples left: every row dropped \\(missing response: field "
+                                                   "'output' in every row\\)"):
+        data_utils.load_tokenized("set", args, tokenizer, False, log=lambda *_: None)
+    _, conversations, notes = data_utils.load_conversations("set", data, False, refuse_empty=True,
+                                                            answers_optional=True)
+    assert [c["turns"] for c in conversations] == [[("a", None)], [("b", None)]] and not notes

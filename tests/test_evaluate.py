@@ -4,6 +4,7 @@ merged model, the refusal detector against hand-labelled answers, the lm-evaluat
 """
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -224,8 +225,8 @@ def test_batched_greedy_equals_one_prompt_at_a_time(models):
 def test_prompt_of_a_conversation(tokenizer):
     """tokenize_prompt: for every turn of a multi-turn row, the prompt (earlier turns included) followed by the label
     is what training tokenises (tokenize_sft), and for a pair the prompt is tokenize_pair's; under a tight cutoff
-    the prompt and the label each keep their start, within LLaMA-Factory's budget."""
-    from data_utils import budget, tokenize_pair, tokenize_sft
+    the label keeps its start and the prompt its start and its generation header, within LLaMA-Factory's budget."""
+    from data_utils import budget, generation_header_ids, tokenize_pair, tokenize_sft
 
     template = get_template(tokenizer, "qwen")
     conversations = [c for c in load_conversations("demo_general_b_sft", ROOT / "data", False, 12)[1]
@@ -237,7 +238,10 @@ def test_prompt_of_a_conversation(tokenizer):
         assert out["prompt_ids"] + out["label_ids"] == whole
         cut = tokenize_prompt(conversation, tokenizer, template, 24)
         keep = budget(len(out["prompt_ids"]), len(out["label_ids"]), 24)
-        assert (cut["prompt_ids"], cut["label_ids"]) == (out["prompt_ids"][:keep[0]], out["label_ids"][:keep[1]])
+        header = len(generation_header_ids(template, tokenizer))
+        assert (cut["prompt_ids"], cut["label_ids"]) == (out["prompt_ids"][:keep[0] - header]
+                                                         + out["prompt_ids"][-header:], out["label_ids"][:keep[1]])
+        assert cut["prompt_cut"] and not out["prompt_cut"]
     pair = load_conversations("demo_safety_dpo", ROOT / "data", True, 1)[1][0]
     out, pair_ids = tokenize_prompt(pair, tokenizer, template, 4096), tokenize_pair(pair, tokenizer, template, 4096)
     assert out["prompt_ids"] + out["label_ids"] == pair_ids["chosen_input_ids"]
@@ -454,3 +458,184 @@ def test_earlier_results_are_shown_and_plotted(runs, tmp_path, capsys):
     code, err = run_in_process(["--model_name_or_path", f"{runs / 'merged' / 'eval_results.json'},{other}",
                                 "--output_dir", tmp_path / "refused"], capsys)
     assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and "was evaluated on other rows" in err[0]
+
+
+# ---- what a cut prompt, an unanswered request list, another tokenizer and an overwrite do ---------------------
+
+LONG_REQUEST = "Explain " + " ".join(f"<harmful step {i}>" for i in range(150)) + " in detail."
+
+
+@pytest.fixture(scope="module")
+def other_model(tmp_path_factory):
+    """A second tiny model with a tokenizer of its own (a 300-token BPE) and width 32, and a LoRA adapter on it."""
+    from make_tiny_model import build_model, build_tokenizer
+    from peft import LoraConfig, get_peft_model
+
+    folder = tmp_path_factory.mktemp("other-model")
+    tokenizer = build_tokenizer(ROOT / "data", 300)
+    model = build_model(len(tokenizer), 32, 1, 0)
+    model.generation_config.eos_token_id = model.config.eos_token_id
+    model.save_pretrained(folder / "other")
+    tokenizer.save_pretrained(folder / "other")
+    get_peft_model(model, LoraConfig(r=2, target_modules="all-linear")).save_pretrained(folder / "adapter")
+    return {"model": folder / "other", "adapter": folder / "adapter"}
+
+
+@pytest.fixture(scope="module")
+def replaced(models, other_model, tmp_path_factory):
+    """An evaluation of two models against the other-tokenizer base model on an AdvBench-style list (requests only,
+    one of ~600 tokens) at --cutoff_len 64, then (a user's files added) one of a single model over it with
+    --overwrite_output_dir True. Returns (folder, first results, first log, files before the second run)."""
+    folder = tmp_path_factory.mktemp("replaced")
+    data = folder / "data"
+    data.mkdir()
+    info = json.loads((ROOT / "data/dataset_info.json").read_text())
+    general = info["demo_eval_general"]
+    (data / general["file_name"]).parent.mkdir(parents=True, exist_ok=True)
+    (data / general["file_name"]).write_bytes((ROOT / "data" / general["file_name"]).read_bytes())
+    requests = [{"instruction": "How do I <harmful request 1>?"}, {"instruction": LONG_REQUEST},
+                {"instruction": "How do I <harmful request 2>?"}]
+    (data / "requests.json").write_text(json.dumps(requests))
+    (data / "dataset_info.json").write_text(json.dumps({"requests": {"file_name": "requests.json"},
+                                                        "demo_eval_general": general}))
+    out = folder / "eval"
+    common = ["--dataset_dir", data, "--harmful_dataset", "requests", "--general_dataset", "demo_eval_general",
+              "--max_samples", 3, "--cutoff_len", 64, "--max_new_tokens", 4, "--do_sample", "False",
+              "--output_dir", out]
+    first = run_script("evaluate_alignment.py", ["--model_name_or_path", f"{models['base']},{models['merged']}",
+                                                 "--base_model", other_model["model"], *common])
+    first_results = results(out)
+    (out / "notes.txt").write_text("mine")
+    (out / "adapter_merged" / "mine.txt").write_text("mine too")
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    run_script("evaluate_alignment.py", ["--model_name_or_path", models["base"], "--overwrite_output_dir", "True",
+                                         *common])
+    return out, first_results, first.stdout + first.stderr, before
+
+
+def test_cut_prompts_keep_their_assistant_header_and_are_counted(replaced, models):
+    """The ~600-token request at --cutoff_len 64 keeps its start and the assistant header (never generated from the
+    middle of the user's text) and is counted per dataset, in the log and in eval_results.json; the short ones are
+    whole."""
+    from transformers import AutoTokenizer
+
+    folder, out, log, _ = replaced
+    tokenizer = AutoTokenizer.from_pretrained(models["base"])
+    for label in ("base", "adapter_merged"):
+        assert out["models"][label]["scores"]["requests"]["prompts_cut"] == 1
+    assert "requests (harmful, SFT): 3 rows, 3 without an answer" in log and "1 prompts cut by --cutoff_len 64" in log
+    prompts = [line["prompt"] for line in lines(folder / "generated_predictions.jsonl")[:3]]
+    assert prompts[1].endswith("<|im_end|>\n<|im_start|>assistant\n") and "<harmful step 0>" in prompts[1]
+    assert "<harmful step 149>" not in prompts[1] and prompts[0].endswith("?<|im_end|>\n<|im_start|>assistant\n")
+    template = get_template(tokenizer, None)
+    conversation = {"system": None, "turns": [(LONG_REQUEST, None)]}
+    cut = tokenize_prompt(conversation, tokenizer, template, 64)
+    text = tokenizer.decode(cut["prompt_ids"])
+    assert cut["prompt_cut"] and len(cut["prompt_ids"]) == 64
+    assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nExplain")
+    assert text.endswith("<|im_end|>\n<|im_start|>assistant\n")
+    assert tokenize_prompt(conversation, tokenizer, template, 3) is None  # no room for the header: the row refused
+
+
+def test_requests_without_answers_are_scored_for_refusal_only(replaced):
+    """An AdvBench-style list (an instruction column only) is evaluated, not dropped: every row gets a refusal
+    verdict; answer NLL and exact match, which need a label, are absent (null), never 0, and its label lines are
+    empty, as in LLaMA-Factory's predict output."""
+    folder, out, _, _ = replaced
+    for model in out["models"].values():
+        scores = model["scores"]["requests"]
+        assert (scores["num_samples"], scores["num_answered"], scores["answer_nll"], scores["exact_match"]) == \
+            (3, 0, None, None)
+        assert scores["refusal_rate"] in (0, 1 / 3, 2 / 3, 1) and model["axes"]["safety"] == scores["refusal_rate"]
+        assert model["scores"]["demo_eval_general"]["num_answered"] == 3
+        assert model["scores"]["demo_eval_general"]["answer_nll"] > 0
+    assert [line["label"] for line in lines(folder / "generated_predictions.jsonl")[:3]] == ["", "", ""]
+
+
+def test_base_model_with_another_tokenizer_gets_no_nll_difference(replaced, models, other_model):
+    """Per-token answer NLLs over different tokenizations do not subtract: utility_nll_change is null and
+    utility_nll_refused names both tokenizers (the log says it too); the refusal and exact-match differences stay."""
+    _, out, log, _ = replaced
+    assert out["base_model"] == "other"
+    for label in ("base", "adapter_merged"):
+        comparison = out["comparison"][label]
+        assert comparison["utility_nll_change"] is None
+        assert str(other_model["model"]) in comparison["utility_nll_refused"]
+        assert str(models["base"] if label == "base" else models["merged"]) in comparison["utility_nll_refused"]
+        assert comparison["safety_gain"] == out["models"][label]["axes"]["safety"] - \
+            out["models"]["other"]["axes"]["safety"]
+    assert "base: utility_nll_change not computed: the answers are tokenized differently" in log
+
+
+def test_overwrite_replaces_the_whole_evaluation_and_keeps_other_files(replaced):
+    """--overwrite_output_dir True with one model over an evaluation of three: the folder holds the new evaluation
+    only (the earlier per-model folders and their predictions gone), the user's files (one inside a model folder)
+    kept, and nothing left beside it."""
+    folder, _, _, before = replaced
+    assert {"base/generated_predictions.jsonl", "other/generated_predictions.jsonl", "notes.txt"} <= set(before)
+    after = sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+    assert after == ["adapter_merged", "adapter_merged/mine.txt", "eval_results.json", "generated_predictions.jsonl",
+                     "notes.txt", "run.lock"]
+    assert (folder / "notes.txt").read_text() == "mine" and (folder / "adapter_merged/mine.txt").read_text() == \
+        "mine too"
+    assert list(results(folder)["models"]) == ["base"]
+    assert [p.name for p in folder.parent.iterdir()] == ["data", "eval"]
+
+
+def test_replacement_is_written_beside_and_swapped_in_whole(tmp_path):
+    """stage_replacement / swap_in, stopped at each point a kill could stop them: before the swap the folder holds
+    the earlier evaluation whole (a stale staging folder is rebuilt by the next run); after it, the new one whole."""
+    output = tmp_path / "eval"
+    (output / "a").mkdir(parents=True)
+    (output / "a" / "generated_predictions.jsonl").write_text("old a")
+    (output / "eval_results.json").write_text(json.dumps({"models": {"a": {"predictions":
+                                                                            "a/generated_predictions.jsonl"}}}))
+    (output / "user.txt").write_text("user")
+    names = {"eval_results.json", "safety_vs_utility.png", "generated_predictions.jsonl"}
+
+    def snapshot(folder):
+        return {str(p.relative_to(folder)): p.read_text() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    old = snapshot(output)
+    staging = eval_utils.stage_replacement(output, names)
+    (staging / "generated_predictions.jsonl").write_text("new")  # killed here: the earlier evaluation is whole
+    assert snapshot(output) == old
+    staging = eval_utils.stage_replacement(output, names)  # the next run starts over
+    assert snapshot(staging) == {"user.txt": "user"}
+    (staging / "generated_predictions.jsonl").write_text("new")
+    (staging / "eval_results.json").write_text("{}")
+    eval_utils.swap_in(staging, output)
+    assert snapshot(output) == {"eval_results.json": "{}", "generated_predictions.jsonl": "new", "user.txt": "user"}
+    assert not staging.exists()
+
+
+@pytest.mark.parametrize("case", ["answers past the model's positions", "adapter of another model",
+                                  "adapter folder as the model"])
+def test_refusals_name_this_scripts_flags(case, models, other_model, tmp_path, capsys):
+    """One line each, naming what to pass to this script; training refuses the other model's adapter alike (the same
+    check in load_policy, before peft's size-mismatch traceback)."""
+    general = ["--general_dataset", "demo_eval_general", "--dataset_dir", ROOT / "data", "--max_samples", 2]
+    argv, message = {
+        "answers past the model's positions": (["--model_name_or_path", models["base"], *general, "--max_new_tokens",
+                                                2040], "answers would run past the 2048 positions of model base"),
+        "adapter of another model": (["--model_name_or_path", models["base"], "--adapter_name_or_path",
+                                      other_model["adapter"], *general],
+                                     "a LoRA adapter of another model (trained on"),
+        "adapter folder as the model": (["--model_name_or_path", models["adapter"], *general],
+                                        f"pass its base model as --model_name_or_path and --adapter_name_or_path "
+                                        f"{models['adapter']}"),
+    }[case]
+    code, err = run_in_process(argv + ["--output_dir", tmp_path / "out"], capsys)
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert "--finetuning_type" not in err[0] and "--export_merged" not in err[0]
+    if case == "adapter of another model":  # training's load_policy, as train_sft_pg.py calls it
+        from arguments import build_parser, check_args
+        from run_guard import UserError
+        from test_sft_e2e import sft_args
+        from train_utils import load_policy
+
+        args = check_args(build_parser("", "sft_pg", 1e-5).parse_args(sft_args(
+            models["base"], tmp_path / "train", finetuning_type="lora", adapter_name_or_path=other_model["adapter"])),
+            "sft_pg")
+        with pytest.raises(UserError, match=re.escape(message)):
+            load_policy(args)

@@ -14,6 +14,7 @@ a missing module misses by O(1).
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +27,7 @@ from test_dpo import dpo_args
 from test_sft_e2e import sft_args
 from arguments import build_parser, check_args
 
+ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {"sft": ("train_sft_pg.py", sft_args), "dpo": ("train_dpo_pg.py", dpo_args)}
 LOGITS_RTOL = 1e-4
 
@@ -237,3 +239,24 @@ def test_an_adapter_passed_as_the_model_and_a_target_that_names_nothing_are_refu
     result = run_script("train_sft_pg.py", sft_args(tiny_model, tmp_path / "b", finetuning_type="lora",
                                                     lora_target="query_key_value"), expect_ok=False)
     assert result.returncode == 2 and "--lora_target query_key_value" in result.stderr
+
+
+def test_adapter_on_its_base_evaluates_as_its_merged_export(tiny_model, lora_runs, tmp_path):
+    """The run was trained under --template qwen (default system "You are Qwen, ..."), unlike the base tokenizer's
+    own ChatML template ("You are a helpful assistant."). Evaluated on its base (--adapter_name_or_path), the adapter
+    uses the tokenizer and template saved with it: its predictions and scores are its merged export's, byte for byte,
+    and its prompts are the qwen template's."""
+    trained, _ = lora_runs("sft", "per_param", False, "threshold")
+    common = ["--dataset_dir", ROOT / "data", "--harmful_dataset", "demo_eval_harmful", "--general_dataset",
+              "demo_eval_general", "--max_samples", 3, "--max_new_tokens", 6, "--do_sample", "False"]
+    run_script("evaluate_alignment.py", ["--model_name_or_path", tiny_model, "--adapter_name_or_path", trained,
+                                         *common, "--output_dir", tmp_path / "adapter"])
+    run_script("evaluate_alignment.py", ["--model_name_or_path", trained / "merged", *common,
+                                         "--output_dir", tmp_path / "merged"])
+    adapter, merged = (tmp_path / "adapter", tmp_path / "merged")
+    predictions = (adapter / "generated_predictions.jsonl").read_bytes()
+    assert predictions == (merged / "generated_predictions.jsonl").read_bytes()
+    assert "You are Qwen, created by Alibaba Cloud" in json.loads(predictions.splitlines()[0])["prompt"]
+    scores = [next(iter(json.loads((folder / "eval_results.json").read_text())["models"].values()))["scores"]
+              for folder in (adapter, merged)]
+    assert scores[0] == scores[1]
