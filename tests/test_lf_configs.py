@@ -42,7 +42,9 @@ def test_values_parse_as_llamafactory_reads_them(tmp_path):
     null (the default), lists for comma-separated keys, mappings for JSON flags; .yml and .json read the same."""
     config = write(tmp_path, "a.yaml", "model_name_or_path: m\noutput_dir: o\ndataset: [a, b]\nlearning_rate: 1e-5\n"
                                        "adam_epsilon: 1.0e-6\nbf16: true\nmax_samples: null\nlr_scheduler_type: "
-                                       "cosine_with_min_lr\nlr_scheduler_kwargs: {min_lr_rate: 0.1}\n")
+                                       "cosine_with_min_lr\nlr_scheduler_kwargs: {min_lr_rate: 0.1}\n"
+                                       "loraplus_lr_embedding: 1e-6\n")  # LF's default: accepted only as a float
+    assert arguments.yaml_value("1e-5") == 1e-5 and arguments.yaml_value("2024-01-01") == "2024-01-01"
     args = sft_parser().parse_args([config])
     assert args.learning_rate == 1e-5 and isinstance(args.learning_rate, float)
     assert args.adam_epsilon == 1e-6 and args.bf16 is True and args.max_samples is None
@@ -201,12 +203,14 @@ def test_logging_dir_and_run_name_reach_the_trackers(tmp_path, monkeypatch):
 
 # ---- LLaMA-Factory's example YAMLs, run ----------------------------------------------------------------------------
 # Each runs as LLaMA-Factory ships it, with key=value overrides for: the paths (model, data, output, DeepSpeed file);
-# the OGPSA keys (stage and base_*); max_steps=2 (and for the prediction max_samples / max_new_tokens) to keep it cheap;
+# the OGPSA keys (stage and base_*); max_steps=2 and max_samples=16 (for the prediction max_samples / max_new_tokens)
+# to keep it cheap;
 # and the values other branches are making work, each marked where it is set.
 UNTIL_OTHER_BRANCHES = ["template=chatml",  # until tmpl31 lands (qwen3_nothink, llama3)
                         "dataloader_num_workers=0"]  # until lfcap31 lands
-OGPSA_SFT = ["stage=sft_pg", "base_dataset=demo_general_a_sft", "base_num_samples=8", "base_num_steps=2"]
-OGPSA_DPO = ["stage=dpo_pg", "base_dataset=demo_general_dpo", "base_num_samples=8", "base_num_steps=2"]
+OGPSA_SFT = ["stage=sft_pg", "base_dataset=demo_general_a_sft", "base_num_samples=8", "base_num_steps=10"]
+OGPSA_DPO = ["stage=dpo_pg", "base_dataset=demo_general_dpo", "base_num_samples=8", "base_num_steps=10"]
+CHEAP = ["max_steps=2", "max_samples=16"]
 TRAINING = {  # example -> (script, overrides besides the model and output paths)
     "qwen3_full_sft.yaml": ("train_sft_pg.py", ["dataset=demo_safety_sft,demo_general_b_sft", f"deepspeed={DS3}",
                                                 *OGPSA_SFT]),
@@ -229,7 +233,7 @@ def example_runs(tiny_model, tmp_path_factory):
         for example, (script, overrides) in TRAINING.items():
             out = root / f"{example}-{launcher}"
             run_script(script, [EXAMPLES / example, f"model_name_or_path={tiny_model}", f"output_dir={out}",
-                                *overrides, "max_steps=2", *UNTIL_OTHER_BRANCHES],
+                                *overrides, *CHEAP, *UNTIL_OTHER_BRANCHES],
                        launcher=None if launcher == "python" else launcher)
             runs[example, launcher] = out
         out = root / f"predict-{launcher}"
@@ -270,13 +274,13 @@ def test_yaml_run_equals_the_same_run_given_as_flags(example_runs, tiny_model, t
     run_script("train_sft_pg.py", [
         "--model_name_or_path", tiny_model, "--trust_remote_code", "True", "--stage", "sft_pg", "--do_train", "True",
         "--finetuning_type", "lora", "--lora_rank", "8", "--lora_target", "all", "--dataset", "demo_safety_sft",
-        "--template", "chatml", "--cutoff_len", "2048", "--max_samples", "1000", "--preprocessing_num_workers", "16",
+        "--template", "chatml", "--cutoff_len", "2048", "--max_samples", "16", "--preprocessing_num_workers", "16",
         "--output_dir", tmp_path, "--logging_steps", "10", "--save_steps", "500", "--plot_loss", "True",
         "--overwrite_output_dir", "True", "--save_only_model", "False", "--report_to", "none",
         "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "8", "--learning_rate", "1.0e-4",
         "--num_train_epochs", "3.0", "--lr_scheduler_type", "cosine", "--warmup_ratio", "0.1", "--bf16", "True",
         "--ddp_timeout", "180000000", "--base_dataset", "demo_general_a_sft", "--base_num_samples", "8",
-        "--base_num_steps", "2", "--max_steps", "2"])
+        "--base_num_steps", "10", "--max_steps", "2"])
     from_yaml = load_weights_any(example_runs["qwen3_lora_sft.yaml", "python"])
     from_flags = load_weights_any(tmp_path)
     assert from_yaml.keys() == from_flags.keys()
