@@ -45,6 +45,8 @@ class Parser(argparse.ArgumentParser):
     def __init__(self, *args, evaluation=False, **kwargs):
         super().__init__(*args, **kwargs)
         self.evaluation = evaluation
+        self.lf_fates = None  # the LLaMA-Factory keys that are not flags: added (hidden) at the first parse
+        self.sources = {}  # key -> where a config file gave it ('cfg.yaml line 3', 'override k=v')
 
     @property
     def flag_names(self):
@@ -54,7 +56,7 @@ class Parser(argparse.ArgumentParser):
     def parse_args(self, args=None, namespace=None):
         """Flags, or LLaMA-Factory's form `CONFIG.yaml [key=value ...] [--flag value ...]` (see read_config_args);
         LLaMA-Factory keys that are not flags of this script must be at the value their fate allows (LF_KEY_FATES)."""
-        if not hasattr(self, "lf_fates"):
+        if self.lf_fates is None:
             add_lf_keys(self)
         argv, self.sources, config = read_config_args(self, sys.argv[1:] if args is None else list(args))
         parsed = super().parse_args(argv, namespace)
@@ -66,7 +68,7 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         """argparse's error, naming the config file and line a bad value came from."""
         flag_name = re.match(r"argument --(\w+)", message)
-        source = getattr(self, "sources", {}).get(flag_name.group(1)) if flag_name else None
+        source = self.sources.get(flag_name.group(1)) if flag_name else None
         raise UserError(f"{source}: {message}" if source else message)
 
 
