@@ -179,6 +179,7 @@ def test_adamw_torch_fused_takes_the_same_steps():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.filterwarnings("ignore:`log_with=")  # Accelerate: the tracker package is not installed here
 def test_logging_dir_and_run_name_reach_the_trackers(tmp_path, monkeypatch):
     """TensorBoard writes into --logging_dir itself (Accelerate adds the project name: it is the folder's name);
     wandb gets --run_name."""
