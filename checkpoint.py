@@ -27,7 +27,9 @@ RESUME_MAY_CHANGE = {
     "export_merged",  # what is written at the end
     "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "ddp_timeout", "preprocessing_num_workers",
     "preprocessing_batch_size", "tokenized_path", "overwrite_cache", "dataloader_num_workers",  # the same batches
-    "trust_remote_code", "gradient_checkpointing",  # recomputing activations gives the same values
+    "trust_remote_code",
+    "gradient_checkpointing", "disable_gradient_checkpointing",  # recomputing activations gives the same values
+    "config_file", "config_overrides", "local_rank", "run_name", "logging_dir",  # where the values came from, trackers
     "save_strategy", "save_steps", "save_total_limit", "save_only_model", "logging_steps", "report_to", "plot_loss",
     "include_num_input_tokens_seen",
     "strict_data",  # stops on the rows it would otherwise drop: a run that gets past loading uses the same rows

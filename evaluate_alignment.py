@@ -51,7 +51,7 @@ PLOT = "safety_vs_utility.png"
 
 
 def build_parser():
-    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, evaluation=True)
     g = parser.add_argument_group("run")
     flag(g, "--output_dir", required=True, help=f"where {PREDICTIONS}, {RESULTS} and the plot go")
     flag(g, "--overwrite_output_dir", bool, default=False, help=f"replace an earlier evaluation's {RESULTS} there")
@@ -97,13 +97,13 @@ def build_parser():
     flag(g, "--top_k", NON_NEGATIVE_INT, default=50, help="sample among the k most likely tokens (0: all)")
     flag(g, "--repetition_penalty", POSITIVE_FLOAT, default=1.0, help="1.0: no penalty")
     flag(g, "--per_device_eval_batch_size", POSITIVE_INT, default=8, help="rows per batch per process")
-    parser.set_defaults(gradient_checkpointing=False, resize_vocab=False)  # read by train_utils.load_model and
-    # load_tokenizer: a trained model's saved tokenizer already has its template's tokens
     return parser
 
 
 def check_args(args):
     """The datasets as [{"name", "role"}] and the models to evaluate or read; refuses what cannot be honoured."""
+    args.gradient_checkpointing = False  # read by train_utils.load_model: evaluation does not train
+    args.resize_vocab = False  # read by load_tokenizer: a trained model's tokenizer has its template's tokens
     datasets = [{"name": name.strip(), "role": role} for role in ROLES
                 for name in (getattr(args, f"{role}_dataset") or "").split(",") if name.strip()]
     names = [d["name"] for d in datasets]

@@ -181,7 +181,7 @@ def check_orpo_pairs(name, pairs, cutoff_len):
 
 
 def main():
-    parser = add_dpo_flags(build_parser(__doc__, "dpo_pg", default_lr=1e-6))
+    parser = add_dpo_flags(build_parser(__doc__, "dpo_pg"))
     args = parser.parse_args()
     hold_output_dir(args.output_dir)  # one run per output folder, before anything in it is read
     args = check_args(args, "dpo_pg")

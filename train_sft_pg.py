@@ -42,7 +42,7 @@ from train_utils import (MetricLog, build_optimizer, build_scheduler, check_padd
 
 
 def main():
-    args = build_parser(__doc__, "sft_pg", default_lr=1e-5).parse_args()
+    args = build_parser(__doc__, "sft_pg").parse_args()
     hold_output_dir(args.output_dir)  # one run per output folder, before anything in it is read
     args = check_args(args, "sft_pg")
     # before the accelerator (and DeepSpeed) start: an unknown template or a token it needs that the tokenizer lacks

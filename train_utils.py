@@ -33,7 +33,7 @@ from run_guard import UserError, first_line
 def make_accelerator(args):
     """Accelerate with gloo on machines without a GPU, so the same launch configs work with CPU processes."""
     from accelerate import Accelerator, DeepSpeedPlugin, InitProcessGroupKwargs
-    from accelerate.utils import DistributedType
+    from accelerate.utils import DistributedType, ProjectConfiguration
 
     fsdp = launched_fsdp_version()
     if fsdp is not None and fsdp != 2:
@@ -65,8 +65,12 @@ def make_accelerator(args):
     trackers = None if args.report_to == "none" else args.report_to.split(",")
     # cpu=True is what makes Accelerate start DDP over gloo without a GPU (DeepSpeed starts its own group).
     # Under DeepSpeed the engine, not Accelerate, accumulates gradients; it must know the accumulation steps.
+    # TensorBoard writes to LOGGING_DIR/<project name>: with --logging_dir, exactly into --logging_dir.
+    tracker_dir = Path(args.logging_dir or Path(args.output_dir, Path(args.output_dir).name))
     accelerator = Accelerator(mixed_precision="bf16" if args.bf16 else None, log_with=trackers,
-                              project_dir=args.output_dir, kwargs_handlers=handlers, deepspeed_plugin=plugin,
+                              project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                                                  logging_dir=str(tracker_dir.parent)),
+                              kwargs_handlers=handlers, deepspeed_plugin=plugin,
                               gradient_accumulation_steps=args.gradient_accumulation_steps if use_deepspeed else 1,
                               cpu=not torch.cuda.is_available() and not use_deepspeed)
     if fsdp and accelerator.distributed_type != DistributedType.FSDP:  # CPU processes: never DDP instead
@@ -77,7 +81,8 @@ def make_accelerator(args):
         accelerator.print("DeepSpeed ZeRO stage 0 is plain data parallelism: running it as DDP")
     accelerator.print(f"engine: {describe_engine(accelerator)}")
     if trackers:
-        accelerator.init_trackers(Path(args.output_dir).name, config=json_safe(vars(args)))
+        accelerator.init_trackers(tracker_dir.name, config=json_safe(vars(args)),
+                                  init_kwargs={"wandb": {"name": args.run_name}} if args.run_name else {})
     return accelerator
 
 
@@ -397,7 +402,7 @@ def build_optimizer(model, args):
     if args.optim == "sgd":
         return torch.optim.SGD(groups, lr=args.learning_rate)
     return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                             eps=args.adam_epsilon)
+                             eps=args.adam_epsilon, fused=args.optim == "adamw_torch_fused" or None)
 
 
 def build_scheduler(optimizer, args, total_steps):

@@ -16,13 +16,13 @@ $PY train_sft_pg.py --model_name_or_path models/tiny-qwen2 --dataset_dir data --
   --base_dataset demo_general_a_sft,demo_general_b_sft --base_num_samples 200 --base_num_steps 10 \
   --base_method orthogonal_projection --per_device_train_batch_size 8 --gradient_accumulation_steps 2 \
   --learning_rate 1e-3 --lr_scheduler_type cosine --num_train_epochs 2 --logging_steps 5 --save_strategy epoch \
-  --output_dir outputs/demo-sft --overwrite_output_dir True --plot_loss True "$@"
+  --output_dir outputs/demo-sft --overwrite_output_dir True --plot_loss True --gradient_checkpointing False "$@"
 
 $PY train_dpo_pg.py --model_name_or_path outputs/demo-sft --dataset_dir data --dataset demo_safety_dpo \
   --base_dataset demo_general_dpo --base_num_samples 200 --base_num_steps 5 --base_method orthogonal_projection \
   --pref_beta 0.2 --pref_loss sigmoid --per_device_train_batch_size 8 --gradient_accumulation_steps 2 \
   --learning_rate 5e-4 --lr_scheduler_type cosine --num_train_epochs 1 --logging_steps 2 --save_strategy epoch \
-  --output_dir outputs/demo-dpo --overwrite_output_dir True --plot_loss True "$@"
+  --output_dir outputs/demo-dpo --overwrite_output_dir True --plot_loss True --gradient_checkpointing False "$@"
 
 $PY train_sft_pg.py --model_name_or_path models/tiny-qwen2 --dataset_dir data --dataset demo_safety_sft \
   --base_dataset demo_general_a_sft,demo_general_b_sft --base_num_samples 200 --base_num_steps 10 \
@@ -30,7 +30,7 @@ $PY train_sft_pg.py --model_name_or_path models/tiny-qwen2 --dataset_dir data --
   --padding_free True \
   --per_device_train_batch_size 8 --gradient_accumulation_steps 2 --learning_rate 5e-3 --lr_scheduler_type cosine \
   --num_train_epochs 2 --logging_steps 5 --save_strategy epoch --output_dir outputs/demo-sft-lora \
-  --overwrite_output_dir True --plot_loss True "$@"
+  --overwrite_output_dir True --plot_loss True --gradient_checkpointing False "$@"
 
 $PY -c "import json; r = json.load(open('outputs/demo-dpo/train_results.json')); \
 print('DPO reward accuracy: first', r['first_rewards/accuracies'], 'last', r['last_rewards/accuracies'])"

@@ -51,7 +51,7 @@ def parse(args):
 def test_every_flag_is_classified_for_resume():
     """A new flag must be put in one of the resume lists (checkpoint.py), or this fails."""
     parser = add_dpo_flags(build_parser("", "dpo_pg", 1e-6))
-    dests = {a.dest for a in parser._actions if a.dest != "help"}
+    dests = {a.dest for a in parser._actions if a.dest != "help"} | {"config_file", "config_overrides"}  # recorded too
     lists = [RESUME_MAY_CHANGE, RESUME_GLOBAL_BATCH, RESUME_MUST_MATCH]
     assert dests == set().union(*lists), (dests - set().union(*lists), set().union(*lists) - dests)
     assert sum(map(len, lists)) == len(dests)  # no flag in two lists
