@@ -298,9 +298,6 @@ def check_args(args, stage):
     if args.disable_gradient_checkpointing:
         args.gradient_checkpointing = False  # LLaMA-Factory's switch, which wins as it does there
     check_local_rank(args.local_rank)
-    for name, default in NOT_YET_SUPPORTED.items():
-        if getattr(args, name) != default:
-            raise UserError(f"--{name} is not supported yet: leave it at {default}")
     if args.fp16:
         raise UserError("--fp16 is not supported (loss scaling is not implemented); use --bf16")
     if args.base_method != "none" and not args.base_dataset:
@@ -396,9 +393,6 @@ def check_scheduler_kwargs(args):
         raise UserError(f"--lr_scheduler_type {name} with --lr_scheduler_kwargs {json.dumps(given)}: "
                         f"{first_line(err)}") from None
 
-
-# LLaMA-Factory keys that are parsed but whose behaviour is not built yet: refused unless at LLaMA-Factory's default.
-NOT_YET_SUPPORTED = {}
 
 LORA_DEFAULTS = {"lora_rank": 8, "lora_dropout": 0.0, "lora_target": "all", "use_rslora": False}  # LLaMA-Factory's
 
@@ -599,16 +593,17 @@ LF_KEY_FATES = {
         "fp8_enable_fsdp_float8_all_gather": False, "ref_model_quantization_bit": None, "pure_bf16": False,
         "bf16_full_eval": False, "fp16_full_eval": False, "half_precision_backend": "auto", "fp16_opt_level": "O1",
         "fp16_backend": "auto"},
-    "the model and tokenizer load as saved (no added tokens, vocabulary resize, RoPE scaling or custom kernels); "
+    "the model and tokenizer load as saved (no added tokens beyond a template's, RoPE scaling or custom kernels); "
     "change the model folder instead": {
-        "adapter_folder": None, "use_fast_tokenizer": True, "resize_vocab": False, "split_special_tokens": False,
+        "adapter_folder": None, "use_fast_tokenizer": True, "split_special_tokens": False,
         "add_tokens": None, "add_special_tokens": None, "new_special_tokens_config": None,
         "init_special_tokens": "noise_init", "model_revision": "main", "rope_scaling": None, "shift_attn": False,
         "mixture_of_depths": None, "use_unsloth": False, "use_unsloth_gc": False, "enable_liger_kernel": False,
         "use_liger_kernel": False, "liger_kernel_config": None, "upcast_layernorm": False,
         "upcast_lmhead_output": False, "train_from_scratch": False, "use_v1_kernels": False, "torch_compile": False,
         "torch_compile_backend": None, "torch_compile_mode": None, "torchdynamo": None, "use_cache": False,
-        "print_param_status": False, "moe_aux_loss_coef": None},
+        "print_param_status": False, "kt_weight_path": None, "kt_expert_checkpoint_path": None,
+        "kt_use_lora_experts": None, "kt_lora_expert_num": None, "kt_lora_expert_intermediate_size": None},
     "hub access goes through the environment (HF_TOKEN, HF_HOME); ModelScope, Modelers and pushing to a hub are not "
     "supported": {
         "cache_dir": None, "hf_hub_token": None, "ms_hub_token": None, "om_hub_token": None, "push_to_hub": False,
@@ -628,19 +623,23 @@ LF_KEY_FATES = {
         "apollo_scale_front": False, "use_badam": False, "badam_mode": "layer", "badam_start_block": None,
         "badam_switch_mode": "ascending", "badam_switch_interval": 50, "badam_update_ratio": 0.05,
         "badam_mask_mode": "adjacent", "badam_verbose": 0, "use_llama_pro": False, "use_adam_mini": False,
-        "use_mca": False, "use_muon": False, "use_dft_loss": False, "optim_args": None, "optim_target_modules": None,
+        "use_mca": False, "use_muon": False, "use_dft_loss": False, "use_asft_loss": False, "asft_alpha": 0.1,
+        "use_eaft_loss": False, "eaft_alpha": 1.0, "use_hyper_parallel": False, "hyper_parallel_args": None,
+        "optim_args": None, "optim_target_modules": None,
         "label_smoothing_factor": 0.0, "neftune_noise_alpha": None},
-    "the PPO, KTO and reward-model stages, BCO, SimPO and LD-DPO are not built: train_dpo_pg.py runs --pref_loss "
-    "sigmoid, ipo or hinge": {
-        "pref_bco_weight": 0.0, "kto_chosen_weight": 1.0, "kto_rejected_weight": 1.0, "simpo_gamma": 0.5,
+    "the PPO, KTO and reward-model stages, BCO and LD-DPO are not built: train_dpo_pg.py runs --pref_loss "
+    "sigmoid, ipo, hinge, orpo or simpo": {
+        "pref_bco_weight": 0.0, "kto_chosen_weight": 1.0, "kto_rejected_weight": 1.0,
         "ppo_buffer_size": 1, "ppo_epochs": 4, "ppo_score_norm": False, "ppo_target": 6.0,
         "ppo_whiten_rewards": False, "ref_model_adapters": None, "reward_model": None, "reward_model_adapters": None,
         "reward_model_quantization_bit": None, "reward_model_type": "lora", "ld_alpha": None},
     "preference-optimisation settings: they apply to train_dpo_pg.py": {
-        "pref_beta": 0.1, "pref_loss": "sigmoid", "dpo_label_smoothing": 0.0, "pref_ftx": 0.0, "ref_model": None},
+        "pref_beta": 0.1, "pref_loss": "sigmoid", "dpo_label_smoothing": 0.0, "pref_ftx": 0.0, "ref_model": None,
+        "simpo_gamma": 0.5},
     "the training text is fixed: the prompt is masked, every turn's response trains, datasets are concatenated, "
     "without packing, tools or streaming (see README, Data)": {
-        "train_on_prompt": False, "mask_history": False, "streaming": False, "buffer_size": 16384,
+        "train_on_prompt": False, "mask_history": False, "preserve_thinking": False, "default_system": None,
+        "streaming": False, "buffer_size": 16384,
         "mix_strategy": "concat", "interleave_probs": None, "ignore_pad_token_for_loss": True, "packing": (None, False),
         "neat_packing": False, "tool_format": None, "remove_unused_columns": True, "label_names": None,
         "length_column_name": "length", "group_by_length": False, "train_sampling_strategy": "random",
@@ -674,13 +673,20 @@ LF_KEY_FATES = {
         "ddp_static_graph": None, "use_cpu": False, "no_cuda": False, "use_mps_device": False, "use_ipex": False,
         "tpu_num_cores": None, "mp_parameters": "", "tf32": None, "activation_checkpointing": None,
         "activation_checkpointing_kwargs": None, "gradient_checkpointing_kwargs": None, "auto_find_batch_size": False,
-        "full_determinism": False, "debug": "", "torch_empty_cache_steps": None},
+        "full_determinism": False, "debug": "", "torch_empty_cache_steps": None, "master_addr": None,
+        "master_port": None},
     "logging is one line per --logging_steps on the main process, with NaN/Inf kept (the guard stops on them)": {
         "logging_strategy": "steps", "logging_first_step": False, "logging_nan_inf_filter": True,
         "log_on_each_node": True},
     "checkpoints are safetensors, written by the main process, resumed exactly (README, Checkpoints and resume)": {
         "save_safetensors": True, "save_on_each_node": False, "enable_jit_checkpoint": False,
         "ignore_data_skip": False, "restore_callback_states_from_checkpoint": False},
+    "the torch profiler is not built in: profile with `python -m torch.profiler` or nsys around a short run": {
+        "enable_torch_profiler": False, "profiler_output_dir": None, "profiler_wait_steps": 1,
+        "profiler_warmup_steps": 1, "profiler_active_steps": 1, "profiler_repeat": 1, "profiler_record_shapes": True,
+        "profiler_profile_memory": True, "profiler_with_stack": True, "profile_modules": None},
+    "the main process tokenizes and hands its result to the others; a rank that does not see it (no shared file "
+    "system) tokenizes itself, so this changes nothing": {"data_shared_file_system": ANY},
     "no effect here: these only change LLaMA-Factory's console or loading memory": {
         "low_cpu_mem_usage": ANY, "offload_folder": ANY, "use_reentrant_gc": ANY, "log_level": ANY,
         "log_level_replica": ANY, "disable_tqdm": ANY, "skip_memory_metrics": ANY},
@@ -703,7 +709,6 @@ EVAL_KEY_FATES = {
     "evaluation does not train: these change nothing": {
         "gradient_checkpointing": ANY, "disable_gradient_checkpointing": ANY},
 }
-NOT_YET = "not supported yet (its behaviour is being built): leave it at LLaMA-Factory's default"  # README table
 TRAINING_ONLY = "a training setting: evaluate_alignment.py does not train"
 
 
@@ -774,11 +779,10 @@ def keys_table():
     for key in keys:
         cells = []
         for parser in parsers.values():
-            not_yet = key in NOT_YET_SUPPORTED and not parser.evaluation  # flags that check_args refuses for now
-            if key not in parser.lf_fates and not not_yet:
+            if key not in parser.lf_fates:
                 cells.append("honoured")
                 continue
-            accepted, reason = (NOT_YET_SUPPORTED[key], NOT_YET) if not_yet else parser.lf_fates[key]
+            accepted, reason = parser.lf_fates[key]
             number = reasons.setdefault(reason, len(reasons) + 1)
             shown = "any value" if accepted is ANY else f"`{accepted_text(accepted)}` only"
             cells.append(f"{shown} ({number})")

@@ -205,10 +205,7 @@ def test_logging_dir_and_run_name_reach_the_trackers(tmp_path, monkeypatch):
 # ---- LLaMA-Factory's example YAMLs, run ----------------------------------------------------------------------------
 # Each runs as LLaMA-Factory ships it, with key=value overrides for: the paths (model, data, output, DeepSpeed file);
 # the OGPSA keys (stage and base_*); max_steps=2 and max_samples=16 (for the prediction max_samples / max_new_tokens)
-# to keep it cheap;
-# and the values other branches are making work, each marked where it is set.
-UNTIL_OTHER_BRANCHES = ["template=chatml",  # until tmpl31 lands (qwen3_nothink, llama3)
-                        "dataloader_num_workers=0"]  # until lfcap31 lands
+# to keep it cheap.
 OGPSA_SFT = ["stage=sft_pg", "base_dataset=demo_general_a_sft", "base_num_samples=8", "base_num_steps=10"]
 OGPSA_DPO = ["stage=dpo_pg", "base_dataset=demo_general_dpo", "base_num_samples=8", "base_num_steps=10"]
 CHEAP = ["max_steps=2", "max_samples=16"]
@@ -234,15 +231,15 @@ def example_runs(tiny_model, tmp_path_factory):
         for example, (script, overrides) in TRAINING.items():
             out = root / f"{example}-{launcher}"
             run_script(script, [EXAMPLES / example, f"model_name_or_path={tiny_model}", f"output_dir={out}",
-                                *overrides, *CHEAP, *UNTIL_OTHER_BRANCHES],
+                                *overrides, *CHEAP],
                        launcher=None if launcher == "python" else launcher)
             runs[example, launcher] = out
         out = root / f"predict-{launcher}"
         run_script("evaluate_alignment.py", [
             EXAMPLES / "llama3_lora_predict.yaml", f"model_name_or_path={tiny_model}",
             f"adapter_name_or_path={runs['qwen3_lora_sft.yaml', launcher]}", f"output_dir={out}",
-            "eval_dataset=demo_eval_harmful,demo_eval_general", "max_samples=3", "max_new_tokens=8", "do_sample=false",
-            *UNTIL_OTHER_BRANCHES], launcher=None if launcher == "python" else launcher)
+            "eval_dataset=demo_eval_harmful,demo_eval_general", "max_samples=3", "max_new_tokens=8", "do_sample=false"],
+            launcher=None if launcher == "python" else launcher)
         runs["llama3_lora_predict.yaml", launcher] = out
     return runs
 
