@@ -802,7 +802,7 @@ def generation_header_ids(template, tokenizer):
     return _ids(tokenizer, (user[slot].split("{{content}}", 1)[1], *user[slot + 1:]), "")
 
 
-def tokenize_prompt(conversation, tokenizer, template, cutoff_len):
+def tokenize_prompt(conversation, tokenizer, template, cutoff_len, keep_header=True):
     """The prompt to generate from and the reference response, as LLaMA-Factory's unsupervised processor builds them
     for --predict_with_generate: the system text, every earlier turn and the last user message form the prompt; the
     last response (SFT rows) or the chosen one (pairs; LLaMA-Factory leaves it empty) is the label (none for a row
@@ -811,7 +811,7 @@ def tokenize_prompt(conversation, tokenizer, template, cutoff_len):
     start only (input_ids[:source_len]), so the model would continue the user's text instead of answering it.
 
     Returns {"prompt_ids", "label_ids", "prompt_cut"}; None when the budget cannot hold the header and one token
-    before it (the caller refuses the row).
+    before it (the caller refuses the row). keep_header=False cuts as LLaMA-Factory does (its goldens test that).
     """
     if "prompt" in conversation:  # a preference pair
         turns, prompt, response = conversation["turns"], conversation["prompt"], conversation["chosen"]
@@ -822,7 +822,9 @@ def tokenize_prompt(conversation, tokenizer, template, cutoff_len):
     label_ids = [] if response is None else label_ids
     keep_prompt, keep_label = budget(len(prompt_ids), len(label_ids), cutoff_len)
     cut = keep_prompt < len(prompt_ids)
-    if cut:
+    if cut and not keep_header:
+        prompt_ids = prompt_ids[:keep_prompt]
+    elif cut:
         header = len(generation_header_ids(template, tokenizer))
         if template.thought_words and not template.enable_thinking:  # encode_oneturn ended it with the empty block
             header += len(tokenizer.encode(template.empty_thought, add_special_tokens=False))

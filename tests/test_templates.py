@@ -50,14 +50,14 @@ def test_template_renders_as_llamafactory(rendering):
             pair = {"system": case["system"], "turns": list(zip(texts[:-1:2], texts[1:-1:2])), "prompt": texts[-1],
                     "chosen": case["chosen"], "rejected": case["rejected"]}
             out = data_utils.tokenize_pair(pair, tokenizer, template, cutoff)
-            prompt = data_utils.tokenize_prompt(pair, tokenizer, template, cutoff)
+            prompt = data_utils.tokenize_prompt(pair, tokenizer, template, cutoff, keep_header=False)
             got.append({"pair": digest([out[k] for k in ("chosen_input_ids", "chosen_labels", "rejected_input_ids",
                                                          "rejected_labels")]),
                         "prompt": digest([prompt["prompt_ids"], prompt["label_ids"]])})
         else:
             conversation = {"system": case["system"], "turns": list(zip(texts[::2], texts[1::2]))}
             out = data_utils.tokenize_sft(conversation, tokenizer, template, cutoff)
-            prompt = data_utils.tokenize_prompt(conversation, tokenizer, template, cutoff)
+            prompt = data_utils.tokenize_prompt(conversation, tokenizer, template, cutoff, keep_header=False)
             got.append({"sft": digest([out["input_ids"], out["labels"]]),
                         "prompt": digest([prompt["prompt_ids"], prompt["label_ids"]])})
     assert got == rendering["cases"]
