@@ -946,7 +946,7 @@ def load_tokenized(names, args, tokenizer, ranking, log=print, fingerprints=None
     import numpy as np
 
     names = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
-    template = get_template(tokenizer, args.template)
+    template = get_template(tokenizer, args.template, args.enable_thinking)
     rng = np.random.RandomState(args.seed)
     examples = []
     for position, name in enumerate(names):

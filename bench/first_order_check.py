@@ -47,7 +47,8 @@ def mean_nll(model_dir):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     args = SimpleNamespace(dataset_dir=str(ROOT / "data"), max_samples=None, cutoff_len=512,
-                           preprocessing_num_workers=1, preprocessing_batch_size=1000, template="qwen",
+                           preprocessing_num_workers=1, enable_thinking=True, preprocessing_batch_size=1000,
+                           template="qwen",
                            strict_data=False, seed=42)
     result = {}
     for label, name, pairs, rows in EVAL_SETS:

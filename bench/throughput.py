@@ -155,7 +155,7 @@ def dataset_examples(settings, pairs, vocab):
 
     tokenizer = AutoTokenizer.from_pretrained(settings.tokenizer)
     loader_args = SimpleNamespace(dataset_dir=settings.dataset_dir, max_samples=None, cutoff_len=settings.cutoff_len,
-                                  preprocessing_num_workers=None, preprocessing_batch_size=1000,
+                                  preprocessing_num_workers=None, enable_thinking=True, preprocessing_batch_size=1000,
                                   template=settings.template, strict_data=False, seed=0)
     examples = load_tokenized(settings.dataset, loader_args, tokenizer, ranking=pairs, log=log)
     fold = {key for key in examples[0] if key.endswith(("input_ids", "labels"))}

@@ -51,6 +51,7 @@ def test_collection_is_the_mean_token_gradient_of_each_chunk(single, tiny_model)
     apply_template(tokenizer, "qwen")
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     args = SimpleNamespace(dataset_dir="data", max_samples=None, cutoff_len=2048, preprocessing_num_workers=1,
+                           enable_thinking=True,
                            template="qwen", strict_data=False, seed=42, preprocessing_batch_size=1000)
     expected = []
     for name in ("demo_general_a_sft", "demo_general_b_sft"):

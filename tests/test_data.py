@@ -135,8 +135,28 @@ def test_pairs_share_the_prompt_and_truncate_alike(tokenizer):
 
 # ---- dataset_info.json and formats ----------------------------------------------------------------------------
 
+def test_training_data_follows_enable_thinking(tiny_model):
+    """--enable_thinking reaches the training examples (load_tokenized), as LLaMA-Factory's: with it the empty
+    reasoning block before each response is trained on; without it, it ends the prompt, masked. The rows' text is
+    the same, so only the labels move: the targets differ by the block's tokens."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    data_utils.apply_template(tok, "qwen3", log=lambda *_: None, resize_vocab=True)
+    block = len(tok.encode(TEMPLATES["qwen3"].empty_thought, add_special_tokens=False))
+    targets = {}
+    for thinking in (True, False):
+        args = SimpleNamespace(dataset_dir="data", max_samples=4, cutoff_len=2048, preprocessing_num_workers=1,
+                               enable_thinking=thinking, preprocessing_batch_size=1000, template="qwen3",
+                               strict_data=False, seed=42)
+        examples = data_utils.load_tokenized("demo_safety_sft", args, tok, False, log=lambda *_: None)
+        targets[thinking] = [e["num_targets"] for e in examples]
+    assert [a - b for a, b in zip(targets[True], targets[False])] == [block] * 4
+
+
 def test_demo_datasets_load(tokenizer):
     args = SimpleNamespace(dataset_dir="data", max_samples=None, cutoff_len=512, preprocessing_num_workers=1,
+                           enable_thinking=True,
                            template="qwen", strict_data=False, seed=42, preprocessing_batch_size=1000)
     for name, ranking in [("demo_safety_sft", False), ("demo_general_a_sft", False), ("demo_general_b_sft", False),
                           ("demo_safety_dpo", True), ("demo_general_dpo", True)]:
@@ -227,7 +247,8 @@ def test_rows_llamafactory_drops_are_dropped_and_logged_per_dataset(tmp_path, to
     rows = [{"instruction": "q", "output": "a"}, {"instruction": "q"}, {"instruction": "q", "output": ""},
             {"instruction": "q", "output": None}]
     args = SimpleNamespace(dataset_dir=write_dataset(tmp_path, rows), max_samples=None, cutoff_len=512,
-                           preprocessing_num_workers=1, preprocessing_batch_size=1000, template="qwen",
+                           preprocessing_num_workers=1, enable_thinking=True, preprocessing_batch_size=1000,
+                           template="qwen",
                            strict_data=False, seed=42)
     logged = []
     examples = data_utils.load_tokenized("set", args, tokenizer, False, log=logged.append)
@@ -342,7 +363,8 @@ def test_a_dataset_with_no_row_left_says_why(tmp_path, tokenizer):
                                       refuse_empty=True)
     data = write_dataset(tmp_path, [{"instruction": "a"}, {"instruction": "b"}])
     args = SimpleNamespace(dataset_dir=data, max_samples=None, strict_data=False, seed=0, cutoff_len=64,
-                           preprocessing_num_workers=1, template="qwen")
+                           preprocessing_num_workers=1, enable_thinking=True, preprocessing_batch_size=1000,
+                           template="qwen")
     with pytest.raises(data_utils.DataError, match="no samples left: every row dropped \\(missing response: field "
                                                    "'output' in every row\\)"):
         data_utils.load_tokenized("set", args, tokenizer, False, log=lambda *_: None)

@@ -70,7 +70,8 @@ def data_args(tmp_path, **overrides):
         shutil.copy(ROOT / "data" / "demo_safety_sft.json", tmp_path / "safety.json")
     args = dict(dataset_dir=str(tmp_path), dataset=str(tmp_path / "safety.json"), base_dataset=None,
                 base_method="none", stage="sft_pg", max_samples=24, cutoff_len=2048, preprocessing_num_workers=1,
-                preprocessing_batch_size=1000, template="qwen", strict_data=False, seed=42, output_dir=str(tmp_path),
+                preprocessing_batch_size=1000, template="qwen", enable_thinking=True, strict_data=False, seed=42,
+                output_dir=str(tmp_path),
                 tokenized_path=str(tmp_path / "tokenized"), overwrite_cache=False)
     return SimpleNamespace(**{**args, **overrides})
 
@@ -173,7 +174,8 @@ accelerator = Accelerator(cpu=True)
 tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
 apply_template(tokenizer, "qwen")
 args = SimpleNamespace(dataset_dir="data", dataset="demo_safety_sft,demo_general_a_sft", base_dataset=None,
-                       base_method="none", stage="sft_pg", max_samples=16, cutoff_len=2048, preprocessing_num_workers=1,
+                       base_method="none", stage="sft_pg", max_samples=16, cutoff_len=2048,
+                       preprocessing_num_workers=1, enable_thinking=True,
                        preprocessing_batch_size=1000, template="qwen", strict_data=False, seed=42,
                        output_dir=sys.argv[2], tokenized_path=None, overwrite_cache=False)
 fingerprints = {}

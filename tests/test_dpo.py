@@ -189,6 +189,7 @@ def test_precomputed_reference_logps_equal_on_the_fly_ones(tiny_model, tokenizer
     for rank in range(nproc):
         table = load_state(out / "checkpoint-1", f"extra_state_{rank}")["ref_logps/train"]
         args = SimpleNamespace(dataset_dir="data", max_samples=24, cutoff_len=2048, preprocessing_num_workers=1,
+                               enable_thinking=True,
                                template="qwen", strict_data=False, seed=42, preprocessing_batch_size=1000)
         examples = load_tokenized("demo_safety_dpo", args, tokenizer, True, log=lambda *_: None)
         # Batched vs one-by-one forward passes differ only in padding: float32 rounding.
@@ -294,6 +295,7 @@ def test_orpo_runs_without_any_reference_model(tiny_model, tokenizer, tmp_path, 
         base_loss="dpo"), capsys)
     assert code == 0, errors
     args = SimpleNamespace(dataset_dir="data", max_samples=16, cutoff_len=2048, preprocessing_num_workers=1,
+                           enable_thinking=True, preprocessing_batch_size=1000,
                            template="qwen", strict_data=False, seed=42)
     examples = load_tokenized("demo_safety_dpo", args, tokenizer, True, log=lambda *_: None)
     sampler = StepSampler(len(examples), 4, 1, 0, 2, 42, lengths=[padded_length(e) for e in examples])

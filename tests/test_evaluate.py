@@ -638,4 +638,4 @@ def test_refusals_name_this_scripts_flags(case, models, other_model, tmp_path, c
             models["base"], tmp_path / "train", finetuning_type="lora", adapter_name_or_path=other_model["adapter"])),
             "sft_pg")
         with pytest.raises(UserError, match=re.escape(message)):
-            load_policy(args)
+            load_policy(args, vocab_size=None)

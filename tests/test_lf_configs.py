@@ -238,7 +238,9 @@ def example_runs(tiny_model, tmp_path_factory):
         run_script("evaluate_alignment.py", [
             EXAMPLES / "llama3_lora_predict.yaml", f"model_name_or_path={tiny_model}",
             f"adapter_name_or_path={runs['qwen3_lora_sft.yaml', launcher]}", f"output_dir={out}",
-            "eval_dataset=demo_eval_harmful,demo_eval_general", "max_samples=3", "max_new_tokens=8", "do_sample=false"],
+            "eval_dataset=demo_eval_harmful,demo_eval_general", "max_samples=3", "max_new_tokens=8", "do_sample=false",
+            "template=qwen3_nothink"],  # the model is the tiny Qwen one: its template goes with it (llama3's tokens
+            # are not in its vocabulary, and evaluation does not resize)
             launcher=None if launcher == "python" else launcher)
         runs["llama3_lora_predict.yaml", launcher] = out
     return runs

@@ -53,6 +53,7 @@ def step_micro_batches(tokenizer, dataset, ranking, per_device, grad_accum, max_
     from data_utils import StepSampler, collate_pairs, collate_sft, load_tokenized, padded_length
 
     args = SimpleNamespace(dataset_dir="data", max_samples=max_samples, cutoff_len=2048, preprocessing_num_workers=1,
+                           enable_thinking=True, preprocessing_batch_size=1000,
                            template="qwen", strict_data=False, seed=42)
     examples = load_tokenized(dataset, args, tokenizer, ranking, log=lambda *_: None)
     sampler = StepSampler(len(examples), per_device, 1, 0, grad_accum, 42,

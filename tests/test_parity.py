@@ -68,7 +68,8 @@ def test_load_tokenized_is_what_the_parity_cases_check():
     case = next(c for c in GOLDEN["cases"] if c["name"] == "num_samples, two datasets in one run")
     tokenizer, _ = tokenizer_and_template(case["tokenizer"], case["template"])
     args = SimpleNamespace(dataset_dir=ROOT / case["dataset_dir"], max_samples=None, cutoff_len=case["cutoff_len"],
-                           preprocessing_num_workers=1, template=case["template"], strict_data=False,
+                           preprocessing_num_workers=1, enable_thinking=True, template=case["template"],
+                           strict_data=False,
                            seed=case["seed"], preprocessing_batch_size=1000)
     logged = []
     examples = data_utils.load_tokenized(case["dataset"], args, tokenizer, False, log=logged.append)

@@ -487,6 +487,7 @@ def test_data_fingerprints_count_the_tokenized_examples_in_order(tokenizer, tmp_
     for name, content in variants.items():
         (tmp_path / f"{name}.json").write_text(json.dumps(content))
         args = SimpleNamespace(dataset_dir="data", max_samples=12, cutoff_len=2048, preprocessing_num_workers=1,
+                               enable_thinking=True,
                                template="qwen", strict_data=False, seed=42, preprocessing_batch_size=1000)
         found = {}
         load_tokenized(str(tmp_path / f"{name}.json"), args, tokenizer, False, log=lambda *_: None,
@@ -534,6 +535,7 @@ def test_data_without_a_trainable_token_is_refused_naming_the_dataset(tokenizer)
 
     for name, ranking, cutoff in [("demo_safety_sft", False, 3), ("demo_safety_dpo", True, 2)]:  # 3 leaves pairs 1
         args = SimpleNamespace(dataset_dir="data", max_samples=8, cutoff_len=cutoff, preprocessing_num_workers=1,
+                               enable_thinking=True,
                                template="qwen", strict_data=False, seed=42, preprocessing_batch_size=1000)
         with pytest.raises(DataError, match=f"dataset '{name}' .* has no trainable token: --cutoff_len {cutoff} cuts "
                                             "every response away"):

@@ -178,6 +178,7 @@ def varied(examples, keys):
 @pytest.fixture(scope="module")
 def tiny_examples(tokenizer):
     args = SimpleNamespace(dataset_dir=str(DATA), max_samples=6, cutoff_len=2048, preprocessing_num_workers=1,
+                           enable_thinking=True,
                            template="qwen", strict_data=False, seed=42, preprocessing_batch_size=1000)
     sft = load_tokenized("demo_general_b_sft", args, tokenizer, False, log=lambda *_: None)
     pairs = load_tokenized("demo_safety_dpo", args, tokenizer, True, log=lambda *_: None)
