@@ -17,10 +17,12 @@ import math
 import random
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from checkpoint import write_json
 from data_utils import DataError, is_ranking, load_tokenized
 from train_utils import forward_logps, response_positions
 
@@ -164,9 +166,9 @@ class Evaluator:
             batch = {k: v.to(device) for k, v in self.collate(eval_set, [eval_set.examples[i]
                                                                          for i in indices]).items()}
             for name, (total, count) in self.batch_sums(model, eval_set, indices, batch).items():
-                keep = float(b < len(batches))
-                old_total, old_count = sums.get(name, (0.0, 0.0))
-                sums[name] = (old_total + keep * total.double(), old_count + keep * float(count))
+                old_total, old_count = sums.get(name, (0.0, 0))  # every rank knows every name (packed alike)
+                sums[name] = (old_total + total.double(), old_count + count) if b < len(batches) else \
+                    (old_total, old_count)
         names = sorted(sums)
         packed = torch.tensor([v for n in names for v in (float(sums[n][0]), sums[n][1])], dtype=torch.float64,
                               device=device)
@@ -179,9 +181,6 @@ class Evaluator:
     def final(self, model, step, metrics):
         """--do_eval: the end-of-training metrics (those of `step` if it was just evaluated), written to
         eval_results.json with the step."""
-        from checkpoint import write_json
-        from pathlib import Path
-
         result = self.last[1] if self.last and self.last[0] == step else self.evaluate(model, step, metrics)
         if self.accelerator.is_main_process:
             write_json(Path(self.args.output_dir, "eval_results.json"), {"step": step, **result})

@@ -80,13 +80,14 @@ def test_eval_loss_equals_an_independent_recomputation(eval_run, tiny_model, tmp
 def test_resumed_on_two_processes_evaluates_as_the_uninterrupted_run(eval_run, tiny_model, tmp_path):
     """The one-process run resumed from its step-2 checkpoint on 2 DDP processes x 1 accumulation (the same global
     batch) with another evaluation batch size: the step-2 evaluation is kept, not repeated; step 4's, where each
-    rank evaluates every other batch and the sums are reduced before dividing, equals the uninterrupted run's."""
+    rank evaluates every other batch (64 samples in 5 batches of 13: the second rank's third forward is a dummy
+    batch whose sums it drops) and the sums are reduced before dividing, equals the uninterrupted run's."""
     resumed = tmp_path / "resumed"
     shutil.copytree(eval_run, resumed, ignore=lambda folder, _: [
         "checkpoint-4", "model.safetensors", "eval_results.json"] if folder == str(eval_run) else [])
     run_script("train_sft_pg.py", sft_args(tiny_model, resumed, base_scope="per_param", max_steps=4,
                                            gradient_accumulation_steps=1, resume_from_checkpoint="True",
-                                           **{**EVAL_FLAGS, "per_device_eval_batch_size": 3}), nproc=2)
+                                           **{**EVAL_FLAGS, "per_device_eval_batch_size": 13}), nproc=2)
     one = [r for r in read_log(eval_run) if "eval_loss" in r]
     two = [r for r in read_log(resumed) if "eval_loss" in r]
     assert [r["step"] for r in two] == [2, 4] and two[0] == one[0]
