@@ -126,6 +126,14 @@ def test_bad_input_is_refused_in_one_line(tokenizer, tiny_model, tmp_path):
         load_eval_sets(args, tokenizer, False, print, None)
 
 
+def test_eval_on_each_dataset_names_each_set(tokenizer, tiny_model, tmp_path):
+    args = parsed(tiny_model, tmp_path, eval_dataset="demo_general_a_sft,demo_general_b_sft", eval_on_each_dataset=True,
+                  eval_general_dataset="demo_general_a_sft", do_eval=True)
+    sets = load_eval_sets(args, tokenizer, False, lambda *_: None, None)
+    assert [(s.prefix, len(s.examples), s.general) for s in sets] == [
+        ("eval_demo_general_a_sft", 64, False), ("eval_demo_general_b_sft", 64, False), ("eval_general", 64, True)]
+
+
 class Noisy(torch.nn.Module):
     """A model whose output depends on dropout: evaluated in training mode, it would give other numbers."""
 
