@@ -34,8 +34,8 @@ from accelerate.utils import set_seed
 from arguments import FINITE_FLOAT, NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, build_parser, check_args, checked, flag
 from backends import make_backend, prepare_reference_model
 from checkpoint import Checkpointer, check_data_unchanged, is_save_step, prepare_output_dir, write_json
-from data_utils import (DataError, StepSampler, collate_pairs, collate_sft, describe_batching, is_ranking,
-                        load_tokenized, padded_length, step_micro_batches, tokenized_once)
+from data_utils import (DataError, StepSampler, collate_pairs, collate_sft, describe_batching, fingerprint,
+                        is_ranking, load_tokenized, padded_length, step_micro_batches, tokenized_once)
 from ogpsa_core import ReferenceGradients, ReferenceSet
 from run_guard import StepGuard, UserError, hold_output_dir, run_main
 from train_utils import (AdapterDisabled, MetricLog, build_optimizer, build_scheduler, check_padding_free,
@@ -292,11 +292,12 @@ def main():
     elif "ref_logps" in extra:  # precomputed before the interruption: nothing to reload
         ref_table = {name[len("ref_logps/"):]: table for name, table in extra.items()
                      if name.startswith("ref_logps/")}  # training, --base_loss dpo and evaluation pairs
-        missing = [s.name for s in eval_sets if not s.general and s.prefix not in ref_table]
-        if missing:
+        changed = [s.name for s in eval_sets if not s.general  # their tables are of other pairs, or none
+                   and extra.get(f"ref_logps_data/{s.prefix}") != fingerprint(s.examples)]
+        if changed:
             raise UserError(f"--precompute_ref_log_probs: the checkpoint holds no reference log-probabilities of "
-                            f"the evaluation pairs {', '.join(missing)} (and no reference model is loaded on resume):"
-                            " resume with the evaluation data the run started with")
+                            f"the evaluation pairs {', '.join(changed)} (no reference model is loaded on resume): "
+                            "resume with the evaluation data the run started with")
     else:  # the initial policy (--model_name_or_path, also when resuming), unless --ref_model names another
         if args.finetuning_type == "lora" and not args.ref_model:  # the base model: the policy, adapter off
             ref_model = AdapterDisabled(model, accelerator)
@@ -421,6 +422,8 @@ def main():
             if ref_table and ref_model is None:
                 state["ref_logps"] = True
                 state.update({f"ref_logps/{name}": table for name, table in ref_table.items()})
+                state.update({f"ref_logps_data/{e.prefix}": fingerprint(e.examples) for e in eval_sets
+                              if not e.general})  # which evaluation pairs the tables are of
             checkpoints.save(step, state)
         if stop:
             end_run(accelerator)
