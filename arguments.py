@@ -250,6 +250,26 @@ def build_parser(description, stage, default_lr=5e-5):
     flag(g, "--plot_loss", bool, default=False, help="write the loss curve as a PNG into OUTPUT_DIR")
     flag(g, "--include_num_input_tokens_seen", bool, default=False, help="log the number of input tokens seen")
 
+    g = parser.add_argument_group("validation during training (README: Validation during training)")
+    flag(g, "--val_size", checked(float, lambda v: v >= 0 and (v <= 1 or v == int(v)),
+                                  ">= 0: a fraction up to 1, or a whole count above 1"), default=0.0,
+         help="hold out this fraction (<= 1) or number (> 1) of the training samples for evaluation, split as "
+              "LLaMA-Factory splits them (datasets' train_test_split with --seed)")
+    flag(g, "--eval_dataset", default=None, help="comma-separated datasets to evaluate (the training data's kind)")
+    flag(g, "--eval_on_each_dataset", bool, default=False,
+         help="evaluate each --eval_dataset on its own: eval_<name>_loss, ...")
+    flag(g, "--eval_general_dataset", default=None,
+         help="comma-separated general-capability SFT datasets whose per-token NLL is logged as eval_general_loss "
+              "at each evaluation (OGPSA: the alignment tax while it happens)")
+    flag(g, "--eval_strategy", default="no", choices=["no", "steps", "epoch"],
+         help="when to evaluate: every --eval_steps steps, at each epoch's end, or only at the end (--do_eval)")
+    flag(g, "--eval_steps", POSITIVE_INT, default=None,
+         help="evaluate every N optimizer steps (--eval_strategy steps; default --logging_steps)")
+    flag(g, "--per_device_eval_batch_size", POSITIVE_INT, default=8,
+         help="samples per evaluation batch per process (the metrics do not depend on it)")
+    flag(g, "--do_eval", bool, default=False,
+         help="evaluate at the end and write eval_results.json (on whenever --eval_strategy is not no)")
+
     g = parser.add_argument_group("OGPSA (orthogonal gradient projection)")
     flag(g, "--base_dataset", default=None, help="comma-separated general-capability reference sets")
     flag(g, "--base_num_samples", POSITIVE_INT, default=200,
@@ -317,10 +337,35 @@ def check_args(args, stage):
     if args.max_steps <= 0 and args.num_train_epochs <= 0:
         raise UserError("set --num_train_epochs or --max_steps to a positive value")
     args.base_batch_size = args.base_batch_size or args.per_device_train_batch_size
+    check_validation_flags(args)
     args.resume_from_checkpoint = resolve_resume(args)
     if args.resume_from_checkpoint:
         check_resume_flags(args, args.resume_from_checkpoint)
     return args
+
+
+def check_validation_flags(args):
+    """Validation flags as Hugging Face's TrainingArguments resolve them (eval_strategy implies do_eval, eval_steps
+    defaults to logging_steps), refusing combinations that would evaluate nothing or ignore a flag."""
+    has_data = bool(args.val_size or args.eval_dataset or args.eval_general_dataset)
+    if args.eval_steps is not None and args.eval_strategy != "steps":
+        raise UserError(f"--eval_steps {args.eval_steps} applies to --eval_strategy steps (the run has "
+                        f"--eval_strategy {args.eval_strategy}): add --eval_strategy steps, or drop --eval_steps")
+    if args.val_size and args.eval_dataset:
+        raise UserError("--val_size and --eval_dataset both name evaluation data (LLaMA-Factory ignores "
+                        "--eval_dataset then): pass one of them")
+    if args.eval_on_each_dataset and not args.eval_dataset:
+        raise UserError("--eval_on_each_dataset applies to --eval_dataset: add one, or drop the flag")
+    if args.eval_strategy != "no":
+        args.do_eval = True
+        if args.eval_strategy == "steps" and args.eval_steps is None:
+            args.eval_steps = args.logging_steps
+    if args.do_eval and not has_data:
+        raise UserError(f"{'--do_eval' if args.eval_strategy == 'no' else '--eval_strategy ' + args.eval_strategy} "
+                        "needs evaluation data: add --val_size, --eval_dataset or --eval_general_dataset")
+    if has_data and not args.do_eval:
+        raise UserError("evaluation data is given (--val_size, --eval_dataset or --eval_general_dataset) but no "
+                        "evaluation: add --eval_strategy steps or epoch, or --do_eval True")
 
 
 def check_trackers(report_to):
@@ -568,8 +613,8 @@ def nearest_key(key, known):
 # LLaMA-Factory's automatic choice, off for SFT and DPO); ANY marks keys whose every value changes nothing here.
 # The README's key table is generated from this and the parsers (`python arguments.py --keys-table`).
 ANY = "any value"
-VALIDATION = ("validation during training is not built yet (issue 32); evaluate the saved model with "
-              "evaluate_alignment.py")
+VALIDATION = ("validation during training computes losses (and the DPO rewards) only: no generation, accuracy, "
+              "best-model selection or early stopping; evaluate answers with evaluate_alignment.py")
 LF_KEY_FATES = {
     "multimodal inputs are not supported (text models only)": {
         "image_max_pixels": 589824, "image_min_pixels": 1024, "image_do_pan_and_scan": False, "crop_to_patches": False,
@@ -646,8 +691,7 @@ LF_KEY_FATES = {
         "dataloader_drop_last": False, "sortish_sampler": False, "disable_shuffling": False, "data_seed": None,
         "average_tokens_across_devices": True},
     VALIDATION: {
-        "eval_dataset": None, "val_size": 0.0, "eval_on_each_dataset": False, "eval_strategy": "no",
-        "eval_steps": None, "eval_delay": 0, "per_device_eval_batch_size": 8, "do_eval": False, "do_predict": False,
+        "eval_delay": 0, "do_predict": False,
         "prediction_loss_only": False, "eval_on_start": False, "eval_do_concat_batches": True,
         "eval_use_gather_object": False, "eval_accumulation_steps": None, "include_for_metrics": [],
         "batch_eval_metrics": False, "load_best_model_at_end": False, "metric_for_best_model": None,

@@ -36,6 +36,10 @@ RESUME_MAY_CHANGE = {
     "base_batch_size",  # micro-batches of the reference gradients: the same sums, grouped otherwise (its default
     # follows --per_device_train_batch_size, whose split of the global batch may change too)
     "length_aware_micro_batches", "padding_free",  # each step's samples and loss stay; only the sums' grouping
+    # validation during training: what is evaluated and when (evaluation does not change training; --val_size does,
+    # it removes training rows, and must match)
+    "eval_dataset", "eval_on_each_dataset", "eval_general_dataset", "eval_strategy", "eval_steps",
+    "per_device_eval_batch_size", "do_eval",
 }
 # Only their product with the number of processes (the global batch) must match: Checkpointer.load checks it.
 RESUME_GLOBAL_BATCH = {"per_device_train_batch_size", "gradient_accumulation_steps"}
@@ -48,7 +52,7 @@ RESUME_MUST_MATCH = RESUME_OGPSA | {
     "stage", "do_train", "seed", "deepspeed",  # run
     "model_name_or_path", "finetuning_type", "template", "flash_attn", "resize_vocab", "enable_thinking",  # model
     "lora_rank", "lora_alpha", "lora_dropout", "lora_target", "use_rslora", "adapter_name_or_path",  # LoRA
-    "dataset_dir", "dataset", "cutoff_len", "max_samples",  # data
+    "dataset_dir", "dataset", "cutoff_len", "max_samples", "val_size",  # data
     "learning_rate", "num_train_epochs", "max_steps", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps",
     "warmup_ratio", "optim", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "bf16",
     "fp16",  # optimisation
@@ -278,6 +282,7 @@ def planned_outputs(args):
     the model is saved)."""
     names = ["training_args.json", "trainer_log.jsonl", "train_results.json"]
     names += ["training_loss.png"] * bool(args.plot_loss) + ["merged"] * bool(args.export_merged)
+    names += ["eval_results.json"] * bool(args.do_eval)  # validation during training
     if "tensorboard" in args.report_to:  # Accelerate's TensorBoard folder: OUTPUT_DIR/<its name>
         names.append(Path(args.output_dir).resolve().name)
     return names

@@ -34,8 +34,8 @@ from accelerate.utils import set_seed
 from arguments import FINITE_FLOAT, NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, build_parser, check_args, checked, flag
 from backends import make_backend, prepare_reference_model
 from checkpoint import Checkpointer, check_data_unchanged, is_save_step, prepare_output_dir, write_json
-from data_utils import (DataError, StepSampler, collate_pairs, collate_sft, describe_batching, is_ranking,
-                        load_tokenized, padded_length, step_micro_batches, tokenized_once)
+from data_utils import (DataError, StepSampler, collate_pairs, collate_sft, describe_batching, fingerprint,
+                        is_ranking, load_tokenized, padded_length, step_micro_batches, tokenized_once)
 from ogpsa_core import ReferenceGradients, ReferenceSet
 from run_guard import StepGuard, UserError, hold_output_dir, run_main
 from train_utils import (AdapterDisabled, MetricLog, build_optimizer, build_scheduler, check_padding_free,
@@ -43,6 +43,7 @@ from train_utils import (AdapterDisabled, MetricLog, build_optimizer, build_sche
                          make_accelerator, make_projector, make_update_projector, projection_scalars,
                          report_params_without_direction, response_nll_sum, response_positions, router_loss_coef,
                          router_term, to_device, forward_logps, total_optimizer_steps)
+from validation import Evaluator, evaluation_due, load_eval_sets, split_off, token_nll_sums
 
 
 LOSSES = ("sigmoid", "ipo", "hinge", "orpo", "simpo")
@@ -86,6 +87,21 @@ def preference_loss(chosen_logratios, rejected_logratios, loss_type, beta, label
     if loss_type == "simpo":
         return -F.logsigmoid(beta * h - simpo_gamma)
     raise ValueError(f"unknown --pref_loss {loss_type!r}, expected one of {LOSSES}")
+
+
+def pair_metrics(args, chosen, rejected, chosen_mean, ref_chosen, ref_rejected):
+    """Per-pair values of a batch, as the training log reports them: the loss (with --pref_ftx's SFT term), the
+    rewards beta x (log pi - log pi_ref), their accuracy and margin, and the policy's log-probabilities."""
+    losses = preference_loss(chosen - ref_chosen, rejected - ref_rejected, args.pref_loss, args.pref_beta,
+                             args.dpo_label_smoothing, args.simpo_gamma)
+    if args.pref_ftx:
+        losses = losses - args.pref_ftx * chosen_mean
+    chosen_rewards = args.pref_beta * (chosen - ref_chosen).detach()
+    rejected_rewards = args.pref_beta * (rejected - ref_rejected).detach()
+    return {"loss": losses, "rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+            "rewards/margins": chosen_rewards - rejected_rewards, "logps/chosen": chosen.detach(),
+            "logps/rejected": rejected.detach()}
 
 
 def log1mexp(x):
@@ -208,6 +224,14 @@ def main():
                                   cache=cache)
         if args.pref_loss == "orpo":
             check_orpo_pairs(args.dataset, examples, args.cutoff_len)
+        held_out = None
+        if args.val_size:  # held out of the training data, as LLaMA-Factory splits it
+            examples, held_out = split_off(examples, args.val_size, args.seed, args.dataset)
+            log(f"--val_size {args.val_size}: {len(held_out)} pairs held out for evaluation, {len(examples)} train")
+        eval_sets = load_eval_sets(args, tokenizer, True, log, cache, held_out) if args.do_eval else []
+        for eval_set in eval_sets:
+            if args.pref_loss == "orpo" and not eval_set.general:
+                check_orpo_pairs(eval_set.name, eval_set.examples, args.cutoff_len)
         reference_pairs = {}  # name -> pair examples whose reference log-probs the dpo base loss needs
         reference_sets = []
         for name in (args.base_dataset.split(",") if args.base_method != "none" else []):
@@ -266,7 +290,14 @@ def main():
     if reference_free:
         log(f"--pref_loss {args.pref_loss} is reference-free: no reference model is loaded or run")
     elif "ref_logps" in extra:  # precomputed before the interruption: nothing to reload
-        ref_table = {name: extra[f"ref_logps/{name}"] for name in ["train", *reference_pairs]}
+        ref_table = {name[len("ref_logps/"):]: table for name, table in extra.items()
+                     if name.startswith("ref_logps/")}  # training, --base_loss dpo and evaluation pairs
+        changed = [s.name for s in eval_sets if not s.general  # their tables are of other pairs, or none
+                   and extra.get(f"ref_logps_data/{s.prefix}") != fingerprint(s.examples)]
+        if changed:
+            raise UserError(f"--precompute_ref_log_probs: the checkpoint holds no reference log-probabilities of "
+                            f"the evaluation pairs {', '.join(changed)} (no reference model is loaded on resume): "
+                            "resume with the evaluation data the run started with")
     else:  # the initial policy (--model_name_or_path, also when resuming), unless --ref_model names another
         if args.finetuning_type == "lora" and not args.ref_model:  # the base model: the policy, adapter off
             ref_model = AdapterDisabled(model, accelerator)
@@ -276,7 +307,8 @@ def main():
             if padding_free:
                 check_padding_free(ref_model, accelerator, "reference model")
         if args.precompute_ref_log_probs:
-            for name, pairs in [("train", examples), *reference_pairs.items()]:
+            for name, pairs in [("train", examples), *reference_pairs.items(),
+                                *[(e.prefix, e.examples) for e in eval_sets if not e.general]]:
                 ref_table[name] = reference_logps(ref_model, pairs, pad, args.per_device_train_batch_size, average,
                                                   device, accelerator, padding_free, length)
             ref_model = None  # not held during training
@@ -317,6 +349,18 @@ def main():
     references = ReferenceGradients(reference_sets, args.base_num_samples, args.base_directions, args.base_batch_size,
                                     length)
     metrics = MetricLog(accelerator, args, total_steps, step, extra)
+
+    def pair_eval_sums(model_, eval_set, indices, batch):
+        """Evaluation of a pairs batch: the training log's loss, rewards and logps, summed over its pairs."""
+        if eval_set.general:
+            return token_nll_sums(model_, eval_set, indices, batch)
+        chosen, rejected, chosen_mean, _ = pair_logps(model_, batch, average)
+        ref_chosen, ref_rejected = reference_for(eval_set.prefix, eval_set.examples, indices, batch)
+        return {key: (value.sum(), len(indices)) for key, value in pair_metrics(
+            args, chosen, rejected, chosen_mean, ref_chosen, ref_rejected).items()}
+
+    evaluator = Evaluator(accelerator, args, eval_sets, lambda eval_set, b: (
+        collate_sft if eval_set.general else collate_pairs)(b, pad, padding_free), pair_eval_sums)
     refresh_seconds = None
     steps_micro_batches = step_micro_batches(sampler, examples, partial(collate_pairs, pad_token_id=pad,
                                                                         padding_free=padding_free),
@@ -336,24 +380,16 @@ def main():
             with backend.micro_batch(sync=m == len(micro_batches) - 1):
                 chosen, rejected, chosen_mean, output = pair_logps(model, batch, average, router_coef is not None)
                 ref_chosen, ref_rejected = reference_for("train", examples, indices, batch)
-                losses = preference_loss(chosen - ref_chosen, rejected - ref_rejected, args.pref_loss,
-                                         args.pref_beta, args.dpo_label_smoothing, args.simpo_gamma)
-                if args.pref_ftx:
-                    losses = losses - args.pref_ftx * chosen_mean
+                logged = pair_metrics(args, chosen, rejected, chosen_mean, ref_chosen, ref_rejected)
+                losses = logged["loss"]
                 loss = losses.sum() * (world / sampler.global_batch)
                 if router_coef is not None:  # MoE: the policy forward's router loss (see train_utils.router_term)
                     loss = loss + router_term(output.aux_loss, router_coef, len(micro_batches))
                     metrics.add("router_aux_loss", output.aux_loss, 1)
                 backend.backward(loss)
             loss_share = loss_share + losses.detach().double().sum() / sampler.global_batch
-            chosen_rewards = args.pref_beta * (chosen - ref_chosen).detach()
-            rejected_rewards = args.pref_beta * (rejected - ref_rejected).detach()
-            for key, value in [("loss", losses), ("rewards/chosen", chosen_rewards),
-                               ("rewards/rejected", rejected_rewards),
-                               ("rewards/accuracies", (chosen_rewards > rejected_rewards).float()),
-                               ("rewards/margins", chosen_rewards - rejected_rewards), ("logps/chosen", chosen),
-                               ("logps/rejected", rejected)]:
-                metrics.add(key, value.sum(), len(indices))
+            for key, value in logged.items():
+                metrics.add(key, value.detach().sum(), len(indices))
             if args.include_num_input_tokens_seen:
                 metrics.count("num_input_tokens_seen", input_tokens(batch))
 
@@ -378,18 +414,24 @@ def main():
             metrics.flush(step, {"epoch": step / sampler.steps_per_epoch, "learning_rate": learning_rate,
                                  "grad_norm": grad_norm}
                           | projection_scalars(stats, projector, update_stats, refresh_seconds))
+        if evaluation_due(args, step, sampler.steps_per_epoch):
+            evaluator.evaluate(model, step, metrics)
         stop = guard.preempted and step < total_steps
         if is_save_step(args, step, sampler.steps_per_epoch) or stop:
             state = metrics.state()
             if ref_table and ref_model is None:
                 state["ref_logps"] = True
                 state.update({f"ref_logps/{name}": table for name, table in ref_table.items()})
+                state.update({f"ref_logps_data/{e.prefix}": fingerprint(e.examples) for e in eval_sets
+                              if not e.general})  # which evaluation pairs the tables are of
             checkpoints.save(step, state)
         if stop:
             end_run(accelerator)
             guard.exit_preempted(step)
 
     checkpoints.save_final_model()
+    if args.do_eval:
+        evaluator.final(model, step, metrics)
     metrics.finish(step, summary_keys=("rewards/accuracies",), log_scale=("loss",))
     end_run(accelerator)
 

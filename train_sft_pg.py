@@ -38,7 +38,9 @@ from run_guard import StepGuard, hold_output_dir, run_main
 from train_utils import (MetricLog, build_optimizer, build_scheduler, check_padding_free, check_reference_sets, end_run,
                          input_tokens, load_policy, load_tokenizer, make_accelerator, make_projector,
                          make_update_projector, projection_scalars, report_params_without_direction, response_nll_sum,
-                         router_loss_coef, router_term, to_device, forward_logps, total_optimizer_steps)
+                         router_loss_coef, router_term, to_device, forward_logps,
+                         total_optimizer_steps)
+from validation import Evaluator, evaluation_due, load_eval_sets, split_off, token_nll_sums
 
 
 def main():
@@ -63,6 +65,11 @@ def main():
         # --tokenized_path; the other processes read its result (a data error on it stops every process)
         examples = load_tokenized(args.dataset, args, tokenizer, ranking=False, log=log, fingerprints=fingerprints,
                                   cache=cache)
+        held_out = None
+        if args.val_size:  # held out of the training data, as LLaMA-Factory splits it
+            examples, held_out = split_off(examples, args.val_size, args.seed, args.dataset)
+            log(f"--val_size {args.val_size}: {len(held_out)} samples held out for evaluation, {len(examples)} train")
+        eval_sets = load_eval_sets(args, tokenizer, False, log, cache, held_out) if args.do_eval else []
         reference_sets = []
         for name in (args.base_dataset.split(",") if args.base_method != "none" else []):
             ref = load_tokenized(name, args, tokenizer, ranking=False, log=log, fingerprints=fingerprints,
@@ -109,6 +116,8 @@ def main():
     log(describe_batching(sampler, examples, padding_free))
 
     metrics = MetricLog(accelerator, args, total_steps, step, extra)
+    evaluator = Evaluator(accelerator, args, eval_sets, lambda _, b: collate_sft(b, pad, padding_free),
+                          token_nll_sums)
     refresh_seconds = None
     steps_micro_batches = step_micro_batches(sampler, examples, partial(collate_sft, pad_token_id=pad,
                                                                         padding_free=padding_free),
@@ -160,6 +169,8 @@ def main():
             metrics.flush(step, {"epoch": step / sampler.steps_per_epoch, "learning_rate": learning_rate,
                                  "grad_norm": grad_norm}
                           | projection_scalars(stats, projector, update_stats, refresh_seconds))
+        if evaluation_due(args, step, sampler.steps_per_epoch):
+            evaluator.evaluate(model, step, metrics)
         stop = guard.preempted and step < total_steps
         if is_save_step(args, step, sampler.steps_per_epoch) or stop:
             checkpoints.save(step, metrics.state())
@@ -168,6 +179,8 @@ def main():
             guard.exit_preempted(step)
 
     checkpoints.save_final_model()
+    if args.do_eval:
+        evaluator.final(model, step, metrics)
     metrics.finish(step)
     end_run(accelerator)
 

@@ -624,7 +624,7 @@ class MetricLog:
     would.
     """
 
-    NOT_PLOTTED = ("step", "epoch", "elapsed_s", "refresh_s", "basis_rank")
+    NOT_PLOTTED = ("step", "epoch", "elapsed_s", "refresh_s", "basis_rank", "eval_runtime_s")
 
     def __init__(self, accelerator, args, total_steps, start_step, state=None):
         """`state`: a checkpoint's extra state (with the `state()` of the run that wrote it), or None."""
@@ -646,6 +646,7 @@ class MetricLog:
         self.bar = tqdm(total=total_steps, initial=start_step, disable=not accelerator.is_main_process,
                         desc="training", dynamic_ncols=True)
         self.start = time.perf_counter()
+        self.eval_seconds = 0.0  # time spent evaluating: left out of elapsed_s (and so of train_runtime_s)
 
     def add(self, name, total, count):
         """Add a local sum over `count` units to the current interval's mean of `name` (no device sync)."""
@@ -681,7 +682,7 @@ class MetricLog:
         for i, name in enumerate(totals):
             record[name] = int(packed[2 * len(names) + i])
         record.update({k: v if isinstance(v, int) else float(v) for k, v in scalars.items()})
-        record["elapsed_s"] = round(time.perf_counter() - self.start, 2)
+        record["elapsed_s"] = round(time.perf_counter() - self.start - self.eval_seconds, 2)
         self.sums = {}
         if self.accelerator.is_main_process:
             with open(self.path, "a") as handle:
@@ -690,6 +691,18 @@ class MetricLog:
             self.bar.write(" ".join(f"{k}={v}" for k, v in shown.items()))
         self.accelerator.log(record, step=step)
         return record
+
+    def log_evaluation(self, step, record, seconds):
+        """Log an evaluation's metrics (already reduced over ranks) as their own record at `step`; its `seconds` are
+        not training time."""
+        self.eval_seconds += seconds
+        record = {"step": step, **record}
+        if self.accelerator.is_main_process:
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            self.bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                    for k, v in record.items()))
+        self.accelerator.log(record, step=step)
 
     def finish(self, step, summary_keys=(), log_scale=()):
         """Close the bar; write the plot (--plot_loss; `log_scale`: keys plotted on a log scale) and
@@ -702,8 +715,10 @@ class MetricLog:
         records = [json.loads(line) for line in self.path.read_text().splitlines()]
         plot = None
         if self.args.plot_loss and records:
-            keys = sorted((k for k in records[-1] if k not in self.NOT_PLOTTED), key=lambda k: k != "loss")
+            logged = {k: None for r in records for k in r}  # training and evaluation records' keys, in order
+            keys = sorted((k for k in logged if k not in self.NOT_PLOTTED), key=lambda k: k != "loss")
             plot = plot_curves(self.args.output_dir, keys, log_scale)
+        records = [r for r in records if "elapsed_s" in r]  # the training records (not the evaluations')
         first, last = (records[0], records[-1]) if records else ({}, {})
         summary = {"global_step": step, "train_loss": self.loss_sum / step if step else None,
                    "train_runtime_s": last.get("elapsed_s")}

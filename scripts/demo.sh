@@ -22,6 +22,7 @@ $PY train_dpo_pg.py --model_name_or_path outputs/demo-sft --dataset_dir data --d
   --base_dataset demo_general_dpo --base_num_samples 200 --base_num_steps 5 --base_method orthogonal_projection \
   --pref_beta 0.2 --pref_loss sigmoid --per_device_train_batch_size 8 --gradient_accumulation_steps 2 \
   --learning_rate 5e-4 --lr_scheduler_type cosine --num_train_epochs 1 --logging_steps 2 --save_strategy epoch \
+  --eval_dataset demo_general_dpo --eval_general_dataset demo_general_a_sft --eval_strategy epoch \
   --output_dir outputs/demo-dpo --overwrite_output_dir True --plot_loss True --gradient_checkpointing False "$@"
 
 $PY train_sft_pg.py --model_name_or_path models/tiny-qwen2 --dataset_dir data --dataset demo_safety_sft \

@@ -108,8 +108,8 @@ def test_a_key_without_its_behaviour_is_accepted_at_its_default_and_refused_othe
     assert not hasattr(args, "packing") and not hasattr(args, "use_dora")  # accepted, and nothing to carry on
     with pytest.raises(UserError, match=r"^use_dora True: .*DoRA.* \(accepted only at false\)$"):
         sft_parser().parse_args(flags + ["--use_dora"])
-    with pytest.raises(UserError, match=r"^val_size 0\.1: validation during training is not built yet \(issue 32\)"):
-        sft_parser().parse_args(flags + ["--val_size", "0.1"])
+    with pytest.raises(UserError, match=r"^load_best_model_at_end True: validation during training computes losses"):
+        sft_parser().parse_args(flags + ["--load_best_model_at_end", "True"])
     with pytest.raises(UserError, match=r"pref_beta 0\.2: .*apply to train_dpo_pg\.py"):
         sft_parser().parse_args(flags + ["--pref_beta", "0.2"])
 
