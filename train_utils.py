@@ -332,8 +332,8 @@ def check_adapter_fits(model, adapter, model_path):
             continue
         module_name = name.removeprefix("base_model.model.").split(f".{kind}.")[0]
         weight = getattr(modules.get(module_name), "weight", None)
-        wanted = None if weight is None or weight.ndim != 2 else (weight.shape[1] if kind == "lora_A"
-                                                                  else weight.shape[0])
+        full_shape = getattr(weight, "ds_shape", None) or getattr(weight, "shape", ())  # ZeRO-3: the whole weight's
+        wanted = None if len(full_shape) != 2 else (full_shape[1] if kind == "lora_A" else full_shape[0])
         got = shape[1] if kind == "lora_A" else shape[0]
         if wanted != got:
             try:
